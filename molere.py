@@ -1,0 +1,893 @@
+"""
+MOLERE: learned reweighting with a hard validation set, one readable file.
+
+Reference reproduction of Jain, Suggala, Shenoy, "Improving Generalization via
+Meta-Learning on Hard Samples" (CVPR 2024). Three levels (shared/SPEC.md):
+  inner   classifier f_theta, trained on S_tr with per-sample weights w_i = g_phi(x_i, y_i)
+  middle  meta-network g_phi, trained so that the loss on S_val after a look-ahead falls
+  outer   splitter P_Theta(val | x, y), which makes S_val the hardest delta-fraction of S
+Train-twice variants (LRW-Easy/Random/Hard) fix S_val from an ERM model's margins instead.
+
+    python molere.py --dataset synthetic --depth 10 --width 2 --epochs 10   # CPU demo
+    python molere.py --dataset cifar100 --data-root data --seeds 0 1 2     # the paper setting
+    python molere.py --help
+
+Equation -> function: README.md, "Where each equation lives".
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import pickle
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+from kernels import weighted_cross_entropy
+
+# ----------------------------------------------------------------------------- config
+
+METHODS = ("erm", "lrw-random", "lrw-easy", "lrw-hard", "molere")
+DATASETS = ("synthetic", "cifar10", "cifar100")
+# The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 5).
+# Printed beside our numbers, labelled as the paper's; never used as a result.
+PAPER_GAIN_CIFAR100 = {"lrw-easy": -0.31, "lrw-random": 0.57, "lrw-hard": 1.72, "molere": 1.96}
+# Flags that say where or how a run executes, not what it computes: a checkpoint or a
+# result made under other values of these is still the same run.
+NOT_RUN_CONFIG = {"method", "seeds", "out", "resume", "device", "data_root", "no_download",
+                  "compile", "eval_every", "stop_after", "threads", "report", "epochs_done_here"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="MOLERE / LRW reproduction (CVPR 2024). Defaults: the paper's CIFAR-100 "
+                    "WRN-28-10 setting with the standard recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--method", default="all", help="erm | lrw-random | lrw-easy | lrw-hard | molere | all "
+      "(all: ERM once per seed, reused for the train-twice margins, then the rest)")
+    a("--dataset", default="cifar100", help="synthetic | cifar10 | cifar100")
+    a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
+    a("--no-download", action="store_true", help="never try to download missing CIFAR files")
+    a("--train-subset", type=int, default=0,
+      help="train on a fixed class-balanced subset of this many images (0: all of S)")
+    a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
+    # classifier: Wide-ResNet and the standard CIFAR recipe (SPEC section 5)
+    a("--depth", type=int, default=28, help="Wide-ResNet depth, 6n+4")
+    a("--width", type=int, default=10, help="Wide-ResNet widening factor k")
+    a("--dropout", type=float, default=0.3, help="dropout between the two convs of a block")
+    a("--epochs", type=int, default=200, help="epochs over the classifier's training split")
+    a("--batch-size", type=int, default=128, help="classifier, validation and splitter batch size")
+    a("--lr", type=float, default=0.1, help="classifier SGD learning rate (also alpha of the look-ahead)")
+    a("--momentum", type=float, default=0.9, help="classifier SGD Nesterov momentum")
+    a("--wd", type=float, default=5e-4, help="classifier weight decay")
+    a("--milestones", type=float, nargs="+", default=[0.3, 0.6, 0.8],
+      help="fractions of --epochs at which the learning rate is multiplied by --gamma")
+    a("--gamma", type=float, default=0.2, help="learning-rate decay factor at each milestone")
+    # LRW and MOLERE
+    a("--delta", type=float, default=0.1, help="validation fraction delta, in (0, 0.5]")
+    a("--K", type=int, default=5, help="meta-network and splitter update every K classifier steps")
+    a("--meta-grad", default="fast", help="fast (one JVP, no double backward) | reference (create_graph)")
+    a("--meta-lr", type=float, default=1e-3, help="Adam learning rate of the meta-network g_phi")
+    a("--split-lr", type=float, default=1e-3, help="Adam learning rate of the splitter P_Theta")
+    a("--hidden", type=int, default=100, help="hidden units of the meta-network and the splitter")
+    a("--warmup-epochs", type=int, default=25, help="MOLERE: epochs on a random split before the splitter's")
+    a("--resplit-every", type=int, default=5, help="MOLERE: recompute the hard split every R epochs")
+    a("--lambda-size", type=float, default=1.0, help="weight of the splitter's size regularizer")
+    a("--lambda-bal", type=float, default=1.0, help="weight of the splitter's label-balance regularizer")
+    # running
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--compile", action="store_true", help="torch.compile the classifier for its plain steps and evaluation")
+    a("--out", default="runs", help="folder for checkpoints and results.jsonl")
+    a("--resume", action="store_true", help="continue runs from their checkpoints, skip finished ones")
+    a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
+    a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--report", action="store_true", help="print the results table of this config from OUT and exit")
+    p.error = fail  # one clear line, not a usage dump
+    return p
+
+
+def fail(msg):
+    print(f"molere.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    """Bad input ends here with one line and exit code 2, before any data or training."""
+    if args.method not in METHODS + ("all",):
+        fail(f"unknown --method {args.method!r}: choose from {', '.join(METHODS + ('all',))}")
+    if args.dataset not in DATASETS:
+        fail(f"unknown --dataset {args.dataset!r}: choose from {', '.join(DATASETS)}")
+    if not 0 < args.delta <= 0.5:
+        fail(f"--delta must be in (0, 0.5], got {args.delta}")
+    if args.K < 1:
+        fail(f"--K must be at least 1, got {args.K}")
+    if args.meta_grad not in ("fast", "reference"):
+        fail(f"--meta-grad must be fast or reference, got {args.meta_grad!r}")
+    if args.depth < 10 or (args.depth - 4) % 6:
+        fail(f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {args.depth}")
+    for name in ("width", "epochs", "batch_size", "resplit_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "meta_lr", "split_lr"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.dropout < 1 or args.warmup_epochs < 0 or args.train_subset < 0 or min(args.seeds) < 0:
+        fail("--dropout must be in [0, 1); --warmup-epochs, --train-subset and --seeds non-negative")
+    if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
+        fail(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    if args.method in ("molere", "all") and args.warmup_epochs >= args.epochs:
+        fail(f"--warmup-epochs {args.warmup_epochs} leaves MOLERE no epoch on the splitter's split "
+             f"(--epochs {args.epochs}): lower it")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device} asked for, but torch sees no CUDA device")
+
+
+def run_config(args):
+    """What defines a run's numbers: compared on --resume, stored with every result."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_CONFIG}
+
+
+def config_hash(cfg):
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+
+# ----------------------------------------------------------------------------- data
+
+
+class DataError(Exception):
+    """Missing or unreadable data: reported as one line, exit code 2."""
+
+
+CIFAR = {
+    "cifar10": dict(folder="cifar-10-batches-py", labels="labels", classes=10,
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"]),
+    "cifar100": dict(folder="cifar-100-python", labels="fine_labels", classes=100,
+                     train=["train"], test=["test"]),
+}
+
+
+def find_cifar(root, name):
+    spec = CIFAR[name]
+    for folder in (os.path.join(root, spec["folder"]), root):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in spec["train"] + spec["test"]):
+            return folder
+    return None
+
+
+def download_cifar(root, name):
+    """torchvision's download helper, with its URL and MD5 checksum. Returns an error or None."""
+    import torchvision
+    tv = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    print(f"{name}: not under {root}, downloading with torchvision (MD5-checked) ...", flush=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        torchvision.datasets.utils.download_and_extract_archive(
+            tv.url, download_root=root, filename=tv.filename, md5=tv.tgz_md5)
+        return None
+    except Exception as e:  # no network, bad checksum, disk full: all end in one line
+        return f"{type(e).__name__}: {e}".splitlines()[0][:160]
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def read_cifar_pickles(folder, files, label_key, classes):
+    """Our own reader for the python-pickle CIFAR layout: dict with 'data' (n x 3072 uint8,
+    R plane, G plane, B plane) and a list of integer labels."""
+    xs, ys = [], []
+    for f in files:
+        path = os.path.join(folder, f)
+        try:
+            with open(path, "rb") as fh:
+                d = pickle.load(fh, encoding="latin1")
+            x = np.asarray(d["data"], dtype=np.uint8)
+            y = np.asarray(d[label_key], dtype=np.int64)
+        except Exception as e:
+            raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})")
+        if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+            raise DataError(f"{path}: expected 'data' of shape (n, 3072) and n labels, got "
+                            f"{x.shape} and {len(y)}")
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise DataError(f"{path}: labels outside [0, {classes})")
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar(root, name, download=True):
+    spec = CIFAR[name]
+    folder = find_cifar(root, name)
+    why = "download disabled (--no-download)"
+    if folder is None and download:
+        why = download_cifar(root, name) or "the download did not produce the expected files"
+        folder = find_cifar(root, name)
+    if folder is None:
+        files = ", ".join(spec["train"] + spec["test"])
+        raise DataError(f"{name} not found: place the python version ({spec['folder']}/ with "
+                        f"{files}) under --data-root {root} [{why}]")
+    x, y = read_cifar_pickles(folder, spec["train"], spec["labels"], spec["classes"])
+    xt, yt = read_cifar_pickles(folder, spec["test"], spec["labels"], spec["classes"])
+    return x, y, xt, yt, spec["classes"]
+
+
+def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled=0.08, seed=1234):
+    """A learnable CIFAR-shaped set made in memory (same for every training seed): each
+    class is a smooth colour pattern; a `hard` fraction of images blends in another class
+    (near the boundary), and a `mislabelled` fraction of TRAINING labels is flipped."""
+    g = torch.Generator().manual_seed(seed)
+    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=g), size=32, mode="bilinear",
+                           align_corners=False)
+
+    def sample(n, flip):
+        y = torch.arange(n) % classes
+        y = y[torch.randperm(n, generator=g)]
+        other = (y + torch.randint(1, classes, (n,), generator=g)) % classes
+        mix = torch.where(torch.rand(n, generator=g) < hard,
+                          0.5 + 0.15 * torch.rand(n, generator=g), torch.ones(n))[:, None, None, None]
+        x = mix * protos[y] + (1 - mix) * protos[other] + 0.12 * torch.randn(n, 3, 32, 32, generator=g)
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        if flip:
+            bad = torch.rand(n, generator=g) < mislabelled
+            y = torch.where(bad, (y + torch.randint(1, classes, (n,), generator=g)) % classes, y)
+        return x, y
+
+    return (*sample(n_train, True), *sample(n_test, False), classes)
+
+
+def balanced_subset(y, n, classes):
+    """A fixed class-balanced subset of n indices (same for every seed and method)."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    ys = y[perm]
+    rank = torch.zeros_like(ys)
+    for c in range(classes):
+        m = ys == c
+        rank[m] = torch.arange(int(m.sum()))
+    return perm[rank < math.ceil(n / classes)][:n].sort().values
+
+
+@dataclass
+class Data:
+    x: torch.Tensor        # pool S, uint8 (N, 3, 32, 32), on the device
+    y: torch.Tensor        # int64 (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: int
+    mean: torch.Tensor     # per-channel pixel statistics of S, for normalisation
+    std: torch.Tensor
+
+
+def load_data(args, device):
+    if args.dataset == "synthetic":
+        x, y, xt, yt, classes = make_synthetic()
+    else:
+        x, y, xt, yt, classes = load_cifar(args.data_root, args.dataset, not args.no_download)
+    if args.train_subset:
+        if args.train_subset > len(y):
+            raise DataError(f"--train-subset {args.train_subset} exceeds the {len(y)} training images")
+        keep = balanced_subset(y, args.train_subset, classes)
+        x, y = x[keep], y[keep]
+    xf = x.float() / 255
+    mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
+    dev = lambda t: t.to(device)
+    return Data(dev(x), dev(y), dev(xt), dev(yt), classes,
+                dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)))
+
+
+def get_batch(data, idx, augment, x=None):
+    """uint8 images -> normalised float batch on the device; random crop (reflect pad 4)
+    and horizontal flip done for the whole batch at once, no DataLoader."""
+    x = (data.x if x is None else x)[idx].float()
+    if augment:
+        b, c, h, w = x.shape
+        x = F.pad(x, (4, 4, 4, 4), mode="reflect")
+        dy, dx = (torch.randint(0, 9, (2, b), device=x.device))
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = x[torch.arange(b, device=x.device)[:, None, None, None],
+              torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    x = (x / 255 - data.mean) / data.std
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+# ----------------------------------------------------------------------------- Wide-ResNet
+
+
+class Block(nn.Module):
+    """Pre-activation wide basic block: BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 + shortcut."""
+
+    def __init__(self, cin, cout, stride, dropout):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.short = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+        self.dropout = dropout
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(F.dropout(F.relu(self.bn2(y)), self.dropout, self.training))
+        return y + (x if self.short is None else self.short(o))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis): 3 groups of (depth-4)/6 blocks, widths 16k/32k/64k.
+    forward returns (logits, penultimate features h); h feeds the meta-network and splitter."""
+
+    def __init__(self, depth=28, width=10, classes=100, dropout=0.3):
+        super().__init__()
+        n, cin, blocks = (depth - 4) // 6, 16, []
+        for i, stride in enumerate((1, 2, 2)):
+            for j in range(n):
+                blocks.append(Block(cin, 16 * width * 2 ** i, stride if j == 0 else 1, dropout))
+                cin = 16 * width * 2 ** i
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, classes)
+        self.features = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.blocks(self.conv(x)))).mean((2, 3))
+        return self.fc(h), h
+
+# ----------------------------------------------------------------------------- meta-network, splitter
+
+
+class SampleNet(nn.Module):
+    """A score for one labelled sample (x, y): an MLP on [LayerNorm(h(x)), onehot(y)], where
+    h(x) is the classifier's penultimate feature vector, detached. Our interpretation of the
+    paper's "rich function of (x, y)": it sees the image through the classifier's current
+    representation at the cost of a tiny MLP, and, being detached, it does not depend on theta
+    in the graph, which the fast meta-gradient needs. Returns a logit; two instances:
+      meta-network  g_phi(x, y)           = sigmoid(logit), the instance weight in (0, 1)
+      splitter      P_Theta(val | x, y)   = sigmoid(logit)"""
+
+    def __init__(self, features, classes, hidden, p0=0.5):
+        super().__init__()
+        self.classes = classes
+        self.net = nn.Sequential(nn.Linear(features + classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.constant_(self.net[2].bias, math.log(p0 / (1 - p0)))  # start at sigmoid = p0
+
+    def forward(self, h, y):
+        with torch.autocast(h.device.type, enabled=False):  # tiny: always fp32
+            h = F.layer_norm(h.detach().float(), h.shape[1:])
+            return self.net(torch.cat([h, F.one_hot(y, self.classes).float()], 1)).squeeze(1)
+
+
+def kl(p, q, eps=1e-12):
+    """KL(p || q) over the last axis; 0 log 0 = 0, so classes with p = 0 contribute nothing."""
+    return (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(eps))).sum(-1)
+
+
+def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda_bal):
+    """SPEC section 2, on one batch of the pool with soft membership p_i = P_Theta(val | x_i, y_i):
+         CE(P_Theta(train | x, y), 1[y_hat = y])   wrong -> val, right -> train
+       - l_val,  l_val = sum_i p_i l_i / sum_i p_i  the splitter ascends the validation loss
+       + lambda_size * KL([delta, 1-delta] || [mean p, 1 - mean p])
+       + lambda_bal  * (KL(P(y) || P(y | val)) + KL(P(y) || P(y | train)))
+    The label distributions run over ALL `classes` (one-hot, vectorised): classes absent from
+    the batch have P(y) = 0 and add 0, instead of the NaN of counting only present labels.
+    P(y) is the batch's label distribution."""
+    p = torch.sigmoid(logit)
+    fit = F.binary_cross_entropy_with_logits(-logit, correct.float())  # logit of P(train) = -logit
+    l_val = (p * losses).sum() / p.sum()
+    mean_p = p.mean()
+    r_size = kl(torch.stack([torch.tensor(delta, device=p.device), torch.tensor(1 - delta, device=p.device)]),
+                torch.stack([mean_p, 1 - mean_p]))
+    onehot = F.one_hot(y, classes).float()
+    prior = onehot.mean(0)
+    in_val = (p[:, None] * onehot).sum(0) / p.sum()
+    in_train = ((1 - p)[:, None] * onehot).sum(0) / (1 - p).sum()
+    r_bal = kl(prior, in_val) + kl(prior, in_train)
+    loss = fit - l_val + lambda_size * r_size + lambda_bal * r_bal
+    return loss, dict(fit=fit.detach(), l_val=l_val.detach(), r_size=r_size.detach(), r_bal=r_bal.detach())
+
+
+def per_class_topk(scores, labels, delta, classes):
+    """Boolean mask of the validation split: within each class c with n_c samples, the
+    k_c = round(delta * n_c) samples of highest score (at least 1, at most n_c - 1), so the
+    split has an exact size, exact label balance and is never empty. Used with splitter
+    scores (MOLERE), -margin (LRW-Hard), margin (LRW-Easy) and random scores."""
+    counts = torch.bincount(labels, minlength=classes)
+    k = torch.minimum((counts * delta).round().long().clamp(min=1), counts - 1).clamp(min=0)
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(labels[order], stable=True)]  # by class, then by score
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(len(labels), device=labels.device) - start[labels[order]]
+    return rank < k[labels]
+
+# ----------------------------------------------------------------------------- LRW meta-step (SPEC section 1)
+
+
+def cloned_buffers(model):
+    """Copies of the BatchNorm running statistics: look-ahead and validation forwards update
+    these copies, never the real ones."""
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+def rng_state(device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def replay_rng(state, device):
+    """Run a block with the RNG as it was at `state` (same dropout masks), then restore."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def per_sample_losses(model, params, x, y):
+    logits, _ = functional_call(model, {**params, **cloned_buffers(model)}, (x,))
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def lookahead_val_grad(model, grads, alpha, xv, yv):
+    """theta' = theta - alpha * G with G = grad_theta mean_i w_i l_i(theta) (already computed);
+    returns L_val(theta') (unweighted mean CE on the validation batch) and v = grad L_val(theta')."""
+    theta1 = {n: (p.detach() - alpha * g).requires_grad_() for (n, p), g in zip(model.named_parameters(), grads)}
+    loss_val = per_sample_losses(model, theta1, xv, yv).mean()
+    return loss_val.detach(), torch.autograd.grad(loss_val, list(theta1.values()))
+
+
+def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng):
+    """Exact dL_val(theta'(phi))/dphi with no double backward (SPEC section 1, fast path):
+         dL_val/dphi = -(alpha / B) sum_i a_i dw_i/dphi,   a_i = <grad_theta l_i(theta), v>,
+    v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
+    loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
+    Valid because w = g_phi(h.detach(), y) does not depend on theta in the graph.
+    `grads` = G at theta, which the classifier step has just computed for the same batch."""
+    loss_val, v = lookahead_val_grad(model, grads, alpha, xv, yv)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with replay_rng(rng, x.device):
+        _, a = jvp(lambda p: per_sample_losses(model, p, x, y), (params,), (dict(zip(params, v)),))
+    w = torch.sigmoid(meta(h, y))
+    return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=-alpha * a / len(y))
+
+
+def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng):
+    """The same meta-gradient the direct way: functional_call + create_graph=True, then
+    backpropagate L_val(theta - alpha * grad_theta mean_i g_phi(x_i, y_i) l_i(theta)) to phi."""
+    params = dict(model.named_parameters())
+    with replay_rng(rng, x.device):
+        losses = per_sample_losses(model, params, x, y)
+    inner = (torch.sigmoid(meta(h, y)) * losses).mean()
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+    theta1 = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
+    loss_val = per_sample_losses(model, theta1, xv, yv).mean()
+    return loss_val.detach(), torch.autograd.grad(loss_val, list(meta.parameters()))
+
+# ----------------------------------------------------------------------------- evaluation and margins
+
+
+@torch.no_grad()
+def predict(net, data, x, chunk=1000):
+    """Eval mode, no augmentation: logits (fp32) and features for every image of x."""
+    was_training = net.training
+    net.eval()
+    outs, feats = [], []
+    for i in range(0, len(x), chunk):
+        with autocast(x.device):
+            o, h = net(get_batch(data, slice(i, i + chunk), augment=False, x=x))
+        outs.append(o.float())
+        feats.append(h.float())
+    net.train(was_training)
+    return torch.cat(outs), torch.cat(feats)
+
+
+def margins(logits, y):
+    """Probabilistic margin PM(x, y) = p_y(x) - max_{k != y} p_k(x), in [-1, 1] (SPEC section 3)."""
+    p = logits.float().softmax(1)
+    p_y = p.gather(1, y[:, None]).squeeze(1)
+    return p_y - p.scatter(1, y[:, None], -1.0).max(1).values
+
+
+def train_twice_split(method, erm_model, data, delta, seed):
+    """SPEC section 3: validation split from the ERM model's margins on S (per class).
+    Hard = lowest margins, Easy = highest, Random = uniform."""
+    if method == "lrw-random":
+        g = torch.Generator().manual_seed(10_000 + seed)
+        scores = torch.rand(len(data.y), generator=g).to(data.y.device)
+    else:
+        pm = margins(predict(erm_model, data, data.x)[0], data.y)
+        scores = -pm if method == "lrw-hard" else pm
+    return per_class_topk(scores, data.y, delta, data.classes)
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+# ----------------------------------------------------------------------------- training state, checkpoints
+
+
+class Run:
+    """Everything one (method, seed) training run owns; checkpointed every epoch."""
+
+    def __init__(self, args, method, seed, data, device):
+        torch.manual_seed(seed)
+        self.method, self.seed, self.device = method, seed, device
+        self.model = WideResNet(args.depth, args.width, data.classes, args.dropout).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.fwd = torch.compile(self.model) if args.compile else self.model  # never for meta steps
+        feats = self.model.features
+        self.meta = SampleNet(feats, data.classes, args.hidden).to(device)
+        self.splitter = SampleNet(feats, data.classes, args.hidden, p0=args.delta).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
+                                   weight_decay=args.wd, nesterov=args.momentum > 0)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt, sorted({round(f * args.epochs) for f in args.milestones}), args.gamma)
+        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=args.meta_lr)
+        self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=args.split_lr)
+        self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
+        self.epoch = self.step = 0
+        self.elapsed = 0.0
+        self.log = []
+
+    STATE = ("model", "meta", "splitter", "opt", "sched", "opt_meta", "opt_split")
+
+    def save(self, path, cfg):
+        ckpt = {k: getattr(self, k).state_dict() for k in self.STATE}
+        ckpt.update(config=cfg, method=self.method, seed=self.seed, epoch=self.epoch, step=self.step,
+                    elapsed=self.elapsed, log=self.log, val_mask=self.val_mask.cpu(),
+                    rng=rng_state(self.device))
+        tmp = path + ".tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+
+    def load(self, ckpt):
+        for k in self.STATE:
+            getattr(self, k).load_state_dict(ckpt[k])
+        self.epoch, self.step, self.elapsed, self.log = ckpt["epoch"], ckpt["step"], ckpt["elapsed"], ckpt["log"]
+        self.val_mask = ckpt["val_mask"].to(self.device)
+        torch.set_rng_state(ckpt["rng"][0])
+        if ckpt["rng"][1] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][1], self.device)
+
+
+def checkpoint_path(args, method, seed):
+    return os.path.join(args.out, f"{args.dataset}-{method}-seed{seed}.pt")
+
+
+def read_checkpoint(path, cfg):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("config") != cfg:
+        diff = sorted(k for k in set(cfg) | set(ckpt.get("config", {}))
+                      if cfg.get(k) != ckpt.get("config", {}).get(k))
+        raise DataError(f"{path} is from a different config (differs in: {', '.join(diff)}); "
+                        f"use another --out or the same flags")
+    return ckpt
+
+# ----------------------------------------------------------------------------- one epoch: LRW and MOLERE steps
+
+
+def train_epoch(run, data, args, max_steps=None):
+    """One pass over S_tr. Every step is a classifier step on mean_i w_i l_i (fused kernel);
+    every K-th step of LRW and MOLERE also updates phi, and for MOLERE Theta."""
+    model, dev, B = run.model, run.device, args.batch_size
+    lrw = run.method != "erm"
+    train_idx = (~run.val_mask).nonzero().squeeze(1)
+    val_idx = run.val_mask.nonzero().squeeze(1)
+    order = train_idx[torch.randperm(len(train_idx), device=dev)]
+    steps = len(order) // B if max_steps is None else max_steps
+    sums = torch.zeros(8, device=dev)  # loss, w mean, w sq, val loss, split fit/l_val/r_size/r_bal
+    n_meta = 0
+    model.train()
+    for s in range(steps):
+        idx = order[(s * B) % (len(order) - B + 1):][:B]
+        x, y = get_batch(data, idx, augment=True), data.y[idx]
+        meta_now = lrw and run.step % args.K == 0
+        rng = rng_state(dev) if meta_now else None
+        with autocast(dev):  # eager model at meta steps: its dropout masks replay exactly in the JVP
+            logits, h = (model if meta_now else run.fwd)(x)
+        h = h.detach()
+        w = torch.sigmoid(run.meta(h, y)).detach() if lrw else torch.ones(len(y), device=dev)
+        # classifier step: theta <- theta - beta3 grad_theta mean_i w_i l_i   (SPEC section 1)
+        loss = weighted_cross_entropy(logits, y, w)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sums[:3] += torch.stack([loss.detach(), w.mean(), (w * w).mean()])
+        if meta_now:
+            # meta step on phi with the look-ahead at this batch; the classifier update below
+            # still uses the weights of phi before this step (one-step lag, README)
+            vi = val_idx[torch.randint(len(val_idx), (B,), device=dev)]
+            xv, yv = get_batch(data, vi, augment=True), data.y[vi]
+            alpha = run.opt.param_groups[0]["lr"]
+            with autocast(dev):
+                if args.meta_grad == "fast":
+                    grads = [p.grad for p in model.parameters()]
+                    loss_val, g_phi = meta_grad_fast(model, run.meta, x, y, h, grads, xv, yv, alpha, rng)
+                else:
+                    loss_val, g_phi = meta_grad_reference(model, run.meta, x, y, h, xv, yv, alpha, rng)
+            for p, g in zip(run.meta.parameters(), g_phi):
+                p.grad = g.float()
+            run.opt_meta.step()
+            sums[3] += loss_val.float()
+            n_meta += 1
+            if run.method == "molere":
+                sums[4:] += splitter_step(run, data, args)
+        run.opt.step()
+        run.step += 1
+    out = (sums / torch.tensor([steps] * 3 + [max(n_meta, 1)] * 5, device=dev)).tolist()
+    return dict(loss=out[0], w_mean=out[1], w_std=math.sqrt(max(out[2] - out[1] ** 2, 0.0)),
+                val_loss=out[3] if n_meta else None, steps=steps,
+                **({k: v for k, v in zip(("split_fit", "split_lval", "r_size", "r_bal"), out[4:])}
+                   if run.method == "molere" else {}))
+
+
+def splitter_step(run, data, args):
+    """One update of Theta on a batch drawn from all of S, scored like the split itself:
+    eval mode, no augmentation, so 'correct' and l_i are the classifier's clean verdicts."""
+    dev = run.device
+    idx = torch.randint(len(data.y), (args.batch_size,), device=dev)
+    y = data.y[idx]
+    logits, h = predict(run.fwd, data, data.x[idx], chunk=args.batch_size)
+    losses = F.cross_entropy(logits, y, reduction="none")
+    loss, parts = splitter_loss(run.splitter(h, y), logits.argmax(1) == y, losses, y, args.delta,
+                                data.classes, args.lambda_size, args.lambda_bal)
+    run.opt_split.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt_split.step()
+    return torch.stack(list(parts.values()))
+
+
+def molere_split(run, data, args):
+    """The hard split: per class, the delta-fraction of S with the highest P_Theta(val | x, y)."""
+    logits, h = predict(run.fwd, data, data.x)
+    with torch.no_grad():
+        p = torch.sigmoid(run.splitter(h, data.y))
+    return per_class_topk(p, data.y, args.delta, data.classes), logits
+
+# ----------------------------------------------------------------------------- one run: the MOLERE loop
+
+
+def train(args, cfg, method, seed, data, device, val_mask=None, resume=None):
+    """Train one (method, seed) to the end, checkpointing every epoch; returns its result line.
+    ERM: S_tr = S. Train-twice LRW: the fixed `val_mask`. MOLERE: random split for the warm-up
+    epochs, then every R epochs the splitter's hard split."""
+    path = checkpoint_path(args, method, seed)
+    run = Run(args, method, seed, data, device)
+    if (args.resume if resume is None else resume) and os.path.exists(path):
+        run.load(read_checkpoint(path, cfg))
+        print(f"[{method} seed {seed}] resumed from {path} at epoch {run.epoch}", flush=True)
+    elif method == "molere":
+        g = torch.Generator().manual_seed(20_000 + seed)
+        run.val_mask = per_class_topk(torch.rand(len(data.y), generator=g).to(device), data.y,
+                                      args.delta, data.classes)
+    elif val_mask is not None:
+        run.val_mask = val_mask
+    tag = f"[{method} seed {seed}]"
+    while run.epoch < args.epochs:
+        t0 = time.time()
+        split = {}
+        if method == "molere" and run.epoch >= args.warmup_epochs and \
+                (run.epoch - args.warmup_epochs) % args.resplit_every == 0:
+            new_mask, logits = molere_split(run, data, args)
+            wrong = logits.argmax(1) != data.y
+            split = dict(split_kept=float((new_mask & run.val_mask).sum() / new_mask.sum()),
+                         val_err=float(wrong[new_mask].float().mean()),
+                         train_err=float(wrong[~new_mask].float().mean()))
+            run.val_mask = new_mask
+        stats = train_epoch(run, data, args)
+        run.sched.step()
+        run.epoch += 1
+        entry = dict(epoch=run.epoch, lr=run.opt.param_groups[0]["lr"], **stats, **split)
+        last = run.epoch == args.epochs
+        if last or (args.eval_every and run.epoch % args.eval_every == 0):
+            logits, _ = predict(run.fwd, data, data.x_test)
+            entry["test_acc"] = float((logits.argmax(1) == data.y_test).float().mean() * 100)
+        run.elapsed += time.time() - t0
+        entry["time_s"] = round(time.time() - t0, 2)
+        run.log.append(entry)
+        run.save(path, cfg)
+        print(progress_line(tag, entry, run, args), flush=True)
+        stop_after_epoch(args)
+    logits, _ = predict(run.fwd, data, data.x_test)
+    return run, dict(
+        method=method, seed=seed, dataset=args.dataset, config_hash=config_hash(cfg), config=cfg,
+        test_acc=float((logits.argmax(1) == data.y_test).float().mean() * 100),
+        test_margins=[round(m, 4) for m in margins(logits, data.y_test).tolist()],
+        val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
+        device=device_name(device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+class StopAfter(Exception):
+    """--stop-after reached: the checkpoint is written; --resume continues."""
+
+
+def stop_after_epoch(args):
+    args.epochs_done_here = getattr(args, "epochs_done_here", 0) + 1
+    if args.stop_after and args.epochs_done_here >= args.stop_after:
+        raise StopAfter
+
+
+def progress_line(tag, e, run, args):
+    eta = run.elapsed / run.epoch * (args.epochs - run.epoch)
+    parts = [f"{tag} epoch {e['epoch']}/{args.epochs}", f"lr {e['lr']:.4g}", f"loss {e['loss']:.3f}"]
+    if run.method != "erm":
+        parts += [f"w {e['w_mean']:.2f}+-{e['w_std']:.2f}", f"val-loss {e['val_loss']:.3f}",
+                  f"val n={int(run.val_mask.sum())}"]
+    if "split_fit" in e:
+        parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_lval']:.3f} "
+                     f"R_size {e['r_size']:.4f} R_bal {e['r_bal']:.4f}")
+    if "val_err" in e:
+        parts.append(f"new split: err val {e['val_err']:.1%} train {e['train_err']:.1%} "
+                     f"kept {e['split_kept']:.0%}")
+    if "test_acc" in e:
+        parts.append(f"test {e['test_acc']:.2f}%")
+    parts.append(f"{e['time_s']:.1f}s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    return " | ".join(parts)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+    return f"CPU x{torch.get_num_threads()} threads"
+
+# ----------------------------------------------------------------------------- results and report
+
+
+def read_results(path, cfg_hash=None):
+    if not os.path.exists(path):
+        return []
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return [r for r in rows if cfg_hash is None or r["config_hash"] == cfg_hash]
+
+
+def mean_std(xs):
+    t = torch.tensor(xs, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
+
+
+def report_table(rows, dataset):
+    """Method, accuracy mean +- std (n seeds), gain over ERM and its per-seed paired spread,
+    and the paper's CIFAR-100 gain beside it (labelled as the paper's)."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["seed"]] = r["test_acc"]
+    erm = by.get("erm", {})
+    lines = [f"results on {dataset} (test accuracy, %; gains in points over ERM of the same seed)",
+             f"| method | n | accuracy mean ± std | gain over ERM | paired gain ± std | "
+             f"paper's CIFAR-100 gain |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        if m not in by:
+            continue
+        accs = list(by[m].values())
+        mu, sd = mean_std(accs)
+        paired = [acc - erm[s] for s, acc in by[m].items() if s in erm]
+        if m != "erm" and erm and paired:
+            pm, ps = mean_std(paired)
+            gain, pair = f"{mu - mean_std(list(erm.values()))[0]:+.2f}", f"{pm:+.2f} ± {ps:.2f} (n={len(paired)})"
+        else:
+            gain = pair = "—"
+        paper = f"{PAPER_GAIN_CIFAR100[m]:+.2f}" if m in PAPER_GAIN_CIFAR100 else "—"
+        lines.append(f"| {m} | {len(accs)} | {mu:.2f} ± {sd:.2f} | {gain} | {pair} | {paper} |")
+    return "\n".join(lines)
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def plan_of(args):
+    return list(METHODS) if args.method == "all" else [args.method]
+
+
+def check_before_training(args, cfg, data):
+    """Sizes and checkpoints are checked for the whole plan before the first step."""
+    n = len(data.y)
+    val = int(per_class_topk(torch.zeros(n, device=data.y.device), data.y, args.delta, data.classes).sum())
+    needs_split = any(m != "erm" for m in plan_of(args))
+    smallest = min(val, n - val) if needs_split else n
+    if args.batch_size > smallest:
+        fail(f"--batch-size {args.batch_size} is larger than a split (train {n - val if needs_split else n}"
+             f"{f', validation {val}' if needs_split else ''} of {n} images): lower it or raise --delta")
+    for seed in args.seeds:
+        for m in plan_of(args):
+            path = checkpoint_path(args, m, seed)
+            if os.path.exists(path):
+                if not args.resume:
+                    fail(f"{path} exists: pass --resume to continue it, or use another --out")
+                read_checkpoint(path, cfg)
+
+
+def finished_erm(args, cfg, seed, data, device):
+    """The ERM model of this config and seed, for the train-twice margins (trained if needed)."""
+    path = checkpoint_path(args, "erm", seed)
+    if os.path.exists(path):
+        ckpt = read_checkpoint(path, cfg)
+        if ckpt["epoch"] == args.epochs:
+            run = Run(args, "erm", seed, data, device)
+            run.model.load_state_dict(ckpt["model"])
+            return run.model, None
+    run, result = train(args, cfg, "erm", seed, data, device, resume=True)  # continue a partial one
+    return run.model, result
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg = run_config(args)
+    results_path = os.path.join(args.out, "results.jsonl")
+    if args.report:
+        print(report_table(read_results(results_path, config_hash(cfg)), args.dataset))
+        return
+    try:
+        data = load_data(args, device)
+        check_before_training(args, cfg, data)
+    except DataError as e:
+        fail(str(e))
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{args.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
+          f"WRN-{args.depth}-{args.width} on {device_name(device)}; config {config_hash(cfg)}; "
+          f"results -> {results_path}", flush=True)
+    done = {(r["method"], r["seed"]) for r in read_results(results_path, config_hash(cfg))} if args.resume else set()
+    try:
+        for seed in args.seeds:
+            erm_model = None
+            for method in plan_of(args):
+                if (method, seed) in done:
+                    print(f"[{method} seed {seed}] finished earlier, result in {results_path}")
+                    continue
+                val_mask = None
+                if method in ("lrw-easy", "lrw-hard"):
+                    if erm_model is None:
+                        erm_model, result = finished_erm(args, cfg, seed, data, device)
+                        if result is not None and ("erm", seed) not in done:
+                            append_result(results_path, result)
+                            done.add(("erm", seed))
+                    val_mask = train_twice_split(method, erm_model, data, args.delta, seed)
+                elif method == "lrw-random":
+                    val_mask = train_twice_split(method, None, data, args.delta, seed)
+                run, result = train(args, cfg, method, seed, data, device, val_mask)
+                if method == "erm":
+                    erm_model = run.model
+                append_result(results_path, result)
+                done.add((method, seed))
+                print(f"[{method} seed {seed}] test accuracy {result['test_acc']:.2f}% "
+                      f"({result['wall_time_s']:.0f}s)", flush=True)
+    except StopAfter:
+        print(f"stopped after {args.stop_after} epoch(s) (--stop-after); continue with --resume", flush=True)
+        return
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every finished epoch is checkpointed in {args.out}; "
+              f"rerun the same command with --resume to continue", file=sys.stderr)
+        sys.exit(130)
+    print(report_table(read_results(results_path, config_hash(cfg)), args.dataset))
+
+
+def append_result(path, result):
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
