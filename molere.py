@@ -24,10 +24,12 @@ import pickle
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp

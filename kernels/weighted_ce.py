@@ -23,7 +23,6 @@ same semantics and the same autograd.Function. float64 always takes the PyTorch 
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -170,8 +169,10 @@ class WeightedCrossEntropy(torch.autograd.Function):
         return out, loss
 
     @staticmethod
-    @once_differentiable  # double backward raises a clear error instead of wrong numbers
     def backward(ctx, grad_out, _grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: refuse rather than return wrong numbers
+            raise RuntimeError("weighted_cross_entropy does not support double backward "
+                               "(create_graph=True); use F.cross_entropy for higher-order gradients")
         grad, loss = ctx.saved_tensors
         g_logits = g_w = None
         if ctx.reduction == "none":
