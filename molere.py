@@ -367,9 +367,10 @@ class SampleNet(nn.Module):
         nn.init.constant_(self.net[2].bias, math.log(p0 / (1 - p0)))  # start at sigmoid = p0
 
     def forward(self, h, y):
-        with torch.autocast(h.device.type, enabled=False):  # tiny: always fp32
-            h = F.layer_norm(h.detach().float(), h.shape[1:])
-            return self.net(torch.cat([h, F.one_hot(y, self.classes).float()], 1)).squeeze(1)
+        dtype = self.net[0].weight.dtype  # tiny: runs in its own dtype, never autocast
+        with torch.autocast(h.device.type, enabled=False):
+            h = F.layer_norm(h.detach().to(dtype), h.shape[1:])
+            return self.net(torch.cat([h, F.one_hot(y, self.classes).to(dtype)], 1)).squeeze(1)
 
 
 def kl(p, q, eps=1e-12):
@@ -440,7 +441,7 @@ def replay_rng(state, device):
 
 def per_sample_losses(model, params, x, y):
     logits, _ = functional_call(model, {**params, **cloned_buffers(model)}, (x,))
-    return F.cross_entropy(logits.float(), y, reduction="none")
+    return F.cross_entropy(logits, y, reduction="none")  # autocast runs it in fp32
 
 
 def lookahead_val_grad(model, grads, alpha, xv, yv):

@@ -1,0 +1,349 @@
+"""molere.py against independent references: finite differences, float64, explicit loops."""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import molere
+from kernels import weighted_cross_entropy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fresh_seed():
+    seed = torch.seed() % 2**31
+    torch.manual_seed(seed)
+    return seed
+
+
+def tiny_setup(dropout=0.0, classes=5, n=12, dtype=torch.float64):
+    """A WRN-10-1 on 8x8 images, a meta-network, train and validation batches, features h."""
+    model = molere.WideResNet(10, 1, classes, dropout).to(dtype)
+    meta = molere.SampleNet(model.features, classes, 7).to(dtype)
+    with torch.no_grad():  # non-zero init so every meta parameter matters
+        for p in meta.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x, xv = torch.randn(n, 3, 8, 8, dtype=dtype), torch.randn(n, 3, 8, 8, dtype=dtype)
+    y, yv = torch.randint(0, classes, (n,)), torch.randint(0, classes, (n,))
+    with torch.no_grad():
+        _, h = model(x)
+    return model, meta, x, y, h.to(dtype), xv, yv
+
+
+def test_meta_grad_reference_matches_finite_differences():
+    fresh_seed()
+    model, meta, x, y, h, xv, yv = tiny_setup()
+    alpha = 0.3
+    rng = molere.rng_state(torch.device("cpu"))
+    loss_val, grads = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)
+    direction = [torch.randn_like(p) for p in meta.parameters()]
+    eps = 1e-6
+
+    def val_loss_at(sign):
+        with torch.no_grad():
+            for p, d in zip(meta.parameters(), direction):
+                p.add_(sign * eps * d)
+        value = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)[0].item()
+        with torch.no_grad():
+            for p, d in zip(meta.parameters(), direction):
+                p.sub_(sign * eps * d)
+        return value
+
+    numeric = (val_loss_at(1) - val_loss_at(-1)) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    assert abs(analytic) > 1e-6  # a real signal, not zeros
+    assert math.isclose(analytic, numeric, rel_tol=1e-6, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fast_meta_grad_equals_reference_in_float64(dropout):
+    fresh_seed()
+    model, meta, x, y, h, xv, yv = tiny_setup(dropout)
+    alpha = 0.2
+    rng = molere.rng_state(torch.device("cpu"))
+    with molere.replay_rng(rng, x.device):  # the classifier step: G at theta, same dropout masks
+        w = torch.sigmoid(meta(h, y)).detach()
+        logits, _ = model(x)
+        loss = weighted_cross_entropy(logits, y, w)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    state = torch.get_rng_state()
+    fast_val, fast = molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng)
+    torch.set_rng_state(state)  # the validation forward draws the same masks in both paths
+    ref_val, ref = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)
+    assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
+    assert sum(g.abs().sum() for g in ref) > 1e-8
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-12)
+
+
+def test_meta_steps_leave_batchnorm_buffers_untouched():
+    fresh_seed()
+    model, meta, x, y, h, xv, yv = tiny_setup(0.3, dtype=torch.float32)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    rng = molere.rng_state(torch.device("cpu"))
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, 0.1, rng)
+    molere.meta_grad_reference(model, meta, x, y, h, xv, yv, 0.1, rng)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+    model(x)  # the check can fail: a plain train-mode forward does move them
+    assert not torch.equal(dict(model.named_buffers())["bn.running_mean"], before["bn.running_mean"])
+
+
+def test_splitter_regularizers_over_all_100_classes():
+    fresh_seed()
+    classes, delta = 100, 0.1
+    y = torch.tensor([3, 3, 17, 17, 17, 42, 99, 0, 0, 3, 55, 42])  # most classes absent
+    logit = torch.randn(len(y), requires_grad=True)
+    correct = torch.rand(len(y)) < 0.5
+    losses = torch.rand(len(y)) * 3
+    loss, parts = molere.splitter_loss(logit, correct, losses, y, delta, classes, 1.0, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logit.grad).all() and logit.grad.abs().sum() > 0
+    # independent float64 loop over the classes present (absent ones have P(y) = 0)
+    p = torch.sigmoid(logit.detach().double()).tolist()
+    n = len(y)
+    r_bal = 0.0
+    for c in set(y.tolist()):
+        prior = sum(1 for t in y.tolist() if t == c) / n
+        q_val = sum(pi for pi, t in zip(p, y.tolist()) if t == c) / sum(p)
+        q_tr = sum(1 - pi for pi, t in zip(p, y.tolist()) if t == c) / sum(1 - pi for pi in p)
+        r_bal += prior * (math.log(prior / q_val) + math.log(prior / q_tr))
+    mp = sum(p) / n
+    r_size = delta * math.log(delta / mp) + (1 - delta) * math.log((1 - delta) / (1 - mp))
+    l_val = sum(pi * li for pi, li in zip(p, losses.tolist())) / sum(p)
+    fit = -sum(math.log(1 - pi) if ok else math.log(pi) for pi, ok in zip(p, correct.tolist())) / n
+    assert parts["r_bal"].item() == pytest.approx(r_bal, rel=1e-5)
+    assert parts["r_size"].item() == pytest.approx(r_size, rel=1e-5, abs=1e-7)
+    assert parts["l_val"].item() == pytest.approx(l_val, rel=1e-5)
+    assert parts["fit"].item() == pytest.approx(fit, rel=1e-5)
+    assert loss.item() == pytest.approx(fit - l_val + r_size + r_bal, rel=1e-5)
+
+
+@pytest.mark.parametrize("delta", [0.001, 0.1, 0.37, 0.5])
+def test_hard_split_is_exact_balanced_and_never_empty(delta):
+    fresh_seed()
+    classes = 7
+    counts = torch.randint(2, 60, (classes,))
+    labels = torch.repeat_interleave(torch.arange(classes), counts)
+    labels = labels[torch.randperm(len(labels))]
+    scores = torch.randn(len(labels))
+    mask = molere.per_class_topk(scores, labels, delta, classes)
+    assert mask.any()
+    for c in range(classes):
+        in_c = labels == c
+        n_c = int(in_c.sum())
+        k = min(max(1, int(torch.tensor(delta * n_c).round())), n_c - 1)
+        assert int(mask[in_c].sum()) == k
+        top = sorted(scores[in_c].tolist(), reverse=True)[:k]  # the k highest scores
+        assert sorted(scores[in_c & mask].tolist(), reverse=True) == top
+
+
+def test_train_twice_hard_holds_lowest_margins_easy_highest():
+    fresh_seed()
+    args = molere.build_parser().parse_args(["--dataset", "synthetic", "--train-subset", "300"])
+    data = molere.load_data(args, torch.device("cpu"))
+    model = molere.WideResNet(10, 1, data.classes, 0.0)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # spread the margins
+    splits = {m: molere.train_twice_split(m, model, data, 0.2, 0) for m in ("lrw-hard", "lrw-easy", "lrw-random")}
+    model.eval()
+    with torch.no_grad():  # independent margins in float64
+        x = ((data.x.double() / 255) - data.mean.double()) / data.std.double()
+        p = F.softmax(model.double()(x)[0], 1)
+    pm = torch.tensor([p[i, t] - max(p[i, k] for k in range(data.classes) if k != t)
+                       for i, t in enumerate(data.y.tolist())])
+    for c in range(data.classes):
+        in_c = data.y == c
+        hard, easy = splits["lrw-hard"] & in_c, splits["lrw-easy"] & in_c
+        assert pm[hard].max() <= pm[in_c & ~hard].min() + 1e-6
+        assert pm[easy].min() >= pm[in_c & ~easy].max() - 1e-6
+    assert pm[splits["lrw-hard"]].mean() < pm[splits["lrw-random"]].mean() < pm[splits["lrw-easy"]].mean()
+    assert all(int(s.sum()) == 60 for s in splits.values())
+
+
+def test_classifier_step_with_zero_weights_for_a_class_does_not_learn_it():
+    fresh_seed()
+    classes, n = 4, 40
+    model = molere.WideResNet(10, 1, classes, 0.0)
+    x = torch.randn(n, 3, 8, 8)
+    y = torch.arange(n) % classes
+    w = torch.rand(n) + 0.5
+    w[y == 2] = 0.0
+    model.eval()  # no BatchNorm coupling between samples, so the reference can drop rows
+    logits, _ = model(x)
+    got = torch.autograd.grad(weighted_cross_entropy(logits, y, w), list(model.parameters()))
+    keep = y != 2
+    logits_keep, _ = model(x[keep])
+    ref_loss = (w[keep] * F.cross_entropy(logits_keep, y[keep], reduction="none")).sum() / n
+    ref = torch.autograd.grad(ref_loss, list(model.parameters()))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.no_grad():
+        p_before = F.softmax(model(x)[0], 1)
+    for _ in range(30):
+        opt.zero_grad()
+        weighted_cross_entropy(model(x)[0], y, w).backward()
+        opt.step()
+    with torch.no_grad():
+        p = F.softmax(model(x)[0], 1)
+    assert p[y == 2, 2].mean() <= p_before[y == 2, 2].mean()  # class 2 never pulled up
+    learnt = p[keep].gather(1, y[keep, None]).mean() - p_before[keep].gather(1, y[keep, None]).mean()
+    assert learnt > 0.01  # while the other classes are learnt
+
+
+def write_cifar(root, name, n_train, n_test, seed=0):
+    """Small files in the real CIFAR pickle layout; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "cifar10" else 100
+    folder = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    key = "labels" if name == "cifar10" else "fine_labels"
+    train_files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
+    test_files = ["test_batch"] if name == "cifar10" else ["test"]
+    written = {}
+    for split, files, n in (("train", train_files, n_train), ("test", test_files, n_test)):
+        xs, ys = [], []
+        for f in files:
+            x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+            y = (np.arange(n) % classes)[rng.permutation(n)]
+            d = {"data": x, key: y.tolist(), "filenames": [f"{i}.png" for i in range(n)]}
+            if name == "cifar100":
+                d["coarse_labels"] = (y // 5).tolist()
+            with open(os.path.join(folder, f), "wb") as fh:
+                pickle.dump(d, fh)
+            xs.append(x)
+            ys.append(y)
+        written[split] = (np.concatenate(xs), np.concatenate(ys))
+    meta = ("batches.meta", {"label_names": [str(i) for i in range(10)]}) if name == "cifar10" else \
+        ("meta", {"fine_label_names": [str(i) for i in range(100)], "coarse_label_names": [str(i) for i in range(20)]})
+    with open(os.path.join(folder, meta[0]), "wb") as fh:
+        pickle.dump(meta[1], fh)
+    return folder, written
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_pickle_reader(tmp_path, name):
+    _, written = write_cifar(str(tmp_path), name, 20 if name == "cifar10" else 200, 30, seed=fresh_seed())
+    x, y, xt, yt, classes = molere.load_cifar(str(tmp_path), name, download=False)
+    assert classes == (10 if name == "cifar10" else 100)
+    src_x, src_y = written["train"]
+    assert x.shape == (len(src_x), 3, 32, 32) and x.dtype == torch.uint8
+    i = 7  # the first 1024 bytes of a row are the red plane, row-major
+    assert np.array_equal(x[i, 0].numpy().ravel(), src_x[i, :1024])
+    assert np.array_equal(x[i, 2, 31].numpy(), src_x[i, 2048 + 31 * 32:])
+    assert np.array_equal(y.numpy(), src_y) and np.array_equal(yt.numpy(), written["test"][1])
+    assert np.array_equal(xt.reshape(len(xt), -1).numpy(), written["test"][0])
+
+
+def run_main(argv, capsys):
+    molere.main(argv)
+    return capsys.readouterr()
+
+
+TINY = ["--depth", "10", "--width", "1", "--dropout", "0.1", "--batch-size", "20", "--eval-every", "1",
+        "--warmup-epochs", "1", "--resplit-every", "1", "--hidden", "16"]
+
+
+def test_every_method_runs_end_to_end_on_cifar100_layout(tmp_path, capsys):
+    write_cifar(str(tmp_path / "data"), "cifar100", 300, 100)
+    out = str(tmp_path / "out")
+    text = run_main(["--dataset", "cifar100", "--data-root", str(tmp_path / "data"), "--method", "all",
+                     "--epochs", "2", "--out", out] + TINY, capsys).out
+    rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
+    assert [r["method"] for r in rows] == list(molere.METHODS)
+    for r in rows:
+        assert 0 <= r["test_acc"] <= 100 and len(r["test_margins"]) == 100 and len(r["log"]) == 2
+        assert all(math.isfinite(e["loss"]) for e in r["log"])
+        assert r["val_size"] == (0 if r["method"] == "erm" else 100)
+    assert "paper's CIFAR-100 gain" in text and "| molere | 1 |" in text
+    assert "new split" in text  # MOLERE re-split after its warm-up epoch
+
+
+def test_resume_gives_the_same_result(tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--train-subset", "200", "--method", "molere", "--epochs", "3",
+              "--seeds", "3"] + TINY
+    run_main(common + ["--out", str(tmp_path / "a")], capsys)
+    run_main(common + ["--out", str(tmp_path / "b"), "--stop-after", "2"], capsys)
+    assert not os.path.exists(tmp_path / "b" / "results.jsonl")  # really interrupted
+    text = run_main(common + ["--out", str(tmp_path / "b"), "--resume"], capsys).out
+    assert "resumed" in text
+    a, b = (json.loads(open(tmp_path / d / "results.jsonl").read()) for d in "ab")
+    assert a["test_acc"] == b["test_acc"] and a["test_margins"] == b["test_margins"]
+    ca, cb = (torch.load(tmp_path / d / "synthetic-molere-seed3.pt", weights_only=False) for d in "ab")
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert torch.equal(ca["val_mask"], cb["val_mask"])
+
+
+BAD = [
+    (["--method", "lrw-medium"], "unknown --method"),
+    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--delta", "0"], "--delta must be in (0, 0.5]"),
+    (["--delta", "0.6"], "--delta must be in (0, 0.5]"),
+    (["--K", "0"], "--K must be at least 1"),
+    (["--K", "two"], "invalid int value"),
+    (["--depth", "12"], "--depth must be 6n+4"),
+    (["--batch-size", "1000"], "larger than a split"),
+]
+
+
+@pytest.mark.parametrize("extra,msg", BAD)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, msg):
+    argv = ["--dataset", "synthetic", "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path)] + extra
+    with pytest.raises(SystemExit) as e:
+        molere.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, err
+    assert not os.listdir(tmp_path)  # nothing trained
+
+
+def test_missing_and_corrupt_data_one_line_exit_2(tmp_path, capsys):
+    base = ["--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        molere.main(base)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "cifar10 not found" in err and "cifar-10-batches-py" in err
+    assert len(err.splitlines()) == 1
+    folder, _ = write_cifar(str(tmp_path), "cifar10", 10, 10)
+    with open(os.path.join(folder, "data_batch_3"), "wb") as f:
+        f.write(b"this is not a pickle")
+    with pytest.raises(SystemExit) as e:
+        molere.main(base)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "data_batch_3 is not a readable CIFAR pickle" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--train-subset", "100", "--method", "erm", "--epochs", "1",
+              "--out", str(tmp_path)] + TINY
+    run_main(common, capsys)
+    with pytest.raises(SystemExit) as e:  # same checkpoint, no --resume
+        molere.main(common)
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        molere.main(common + ["--resume", "--lr", "0.05"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "different config (differs in: lr)" in err and len(err.splitlines()) == 1
+
+
+def test_cli_help_and_exit_code_in_a_real_process():
+    env = dict(os.environ)
+    help_text = subprocess.run([sys.executable, "molere.py", "--help"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, check=True).stdout
+    for flag in ("--dataset", "--data-root", "--method", "--seeds", "--epochs", "--batch-size", "--lr",
+                 "--depth", "--width", "--delta", "--K", "--out", "--resume", "--device"):
+        assert flag in help_text
+    bad = subprocess.run([sys.executable, "molere.py", "--method", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "molere.py: error: unknown --method 'nope': choose from erm, lrw-random, lrw-easy, lrw-hard, molere, all"]
