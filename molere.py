@@ -690,10 +690,11 @@ def train(args, cfg, method, seed, data, device, val_mask=None, resume=None):
                          val_err=float(wrong[new_mask].float().mean()),
                          train_err=float(wrong[~new_mask].float().mean()))
             run.val_mask = new_mask
+        lr = run.opt.param_groups[0]["lr"]
         stats = train_epoch(run, data, args)
         run.sched.step()
         run.epoch += 1
-        entry = dict(epoch=run.epoch, lr=run.opt.param_groups[0]["lr"], **stats, **split)
+        entry = dict(epoch=run.epoch, lr=lr, **stats, **split)
         last = run.epoch == args.epochs
         if last or (args.eval_every and run.epoch % args.eval_every == 0):
             logits, _ = predict(run.fwd, data, data.x_test)

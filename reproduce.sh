@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One entry point for everything the README promises.
+#   bash reproduce.sh              every method on the synthetic set, CPU, under 3 minutes, then the table
+#   bash reproduce.sh test         the test suite (what CI runs)
+#   bash reproduce.sh cifar100     the paper's CIFAR-100 / WRN-28-10 experiment (needs a GPU; --force to try anyway)
+#   bash reproduce.sh cifar10      the same recipe on CIFAR-10
+#   bash reproduce.sh cifar10-cpu  the reduced CPU study behind RESULTS.md (resumable), tables and figures
+#   bash reproduce.sh bench        kernel benchmark, then ERM vs MOLERE step time (last line: the ratio)
+#   bash reproduce.sh gpu-check    environment, kernel bench, WRN-28-10 throughput, 200 NaN-free MOLERE steps
+# Extra arguments pass through to molere.py. The first use creates .venv and installs requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+if ! "$PY" -c "import torch, torchvision, triton, numpy, pytest" 2>/dev/null; then
+  echo "setting up $VENV (first use; torch is large, this takes a few minutes) ..."
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r requirements.txt
+fi
+
+has_gpu() { "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; }
+need_gpu() {
+  local force=0 a
+  for a in "${ARGS[@]+"${ARGS[@]}"}"; do [ "$a" = "--force" ] && force=1; done
+  if ! has_gpu && [ $force = 0 ]; then
+    echo "reproduce.sh $1: this is a GPU experiment (hours on one GPU) and torch sees no GPU here; pass --force to run it anyway" >&2
+    exit 2
+  fi
+  ARGS=("${ARGS[@]/--force}")
+}
+
+# The reduced study of RESULTS.md: WRN-10-2 on a fixed 5,000-image class-balanced subset of
+# CIFAR-10, 6 epochs, 3 seeds, every method. Fixed before any test accuracy was seen.
+CIFAR10_CPU=(--dataset cifar10 --train-subset 5000 --depth 10 --width 2 --dropout 0 --epochs 6
+             --batch-size 64 --warmup-epochs 2 --resplit-every 2 --eval-every 0 --seeds 0 1 2
+             --method all --threads 2 --out results/cifar10-cpu --resume)
+
+cmd=${1:-demo}
+[ $# -gt 0 ] && shift
+ARGS=("$@")
+case "$cmd" in
+  demo)
+    exec "$PY" molere.py --dataset synthetic --train-subset 1000 --depth 10 --width 1 --dropout 0 \
+      --epochs 6 --batch-size 50 --warmup-epochs 2 --resplit-every 2 --eval-every 2 --device cpu \
+      --method all --out runs/demo --resume "$@" ;;
+  test)
+    exec "$PY" -m pytest -q tests "$@" ;;
+  cifar100|cifar10)
+    need_gpu "$cmd"
+    exec "$PY" molere.py --dataset "$cmd" --data-root data --method all --seeds 0 1 2 \
+      --out "runs/$cmd" --resume "${ARGS[@]+"${ARGS[@]}"}" ;;
+  cifar10-cpu)
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" molere.py --data-root "$root" "${CIFAR10_CPU[@]}" "$@"
+    "$PY" analyze.py results/cifar10-cpu/results.jsonl --figures results/cifar10-cpu ;;
+  bench)
+    "$PY" kernels/bench.py
+    exec "$PY" bench.py "$@" ;;
+  gpu-check)
+    exec bash gpu_check.sh ;;
+  *)
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar10-cpu, bench, gpu-check)" >&2
+    exit 2 ;;
+esac
