@@ -41,8 +41,8 @@ cmd=${1:-demo}
 ARGS=("$@")
 case "$cmd" in
   demo)
-    exec "$PY" molere.py --dataset synthetic --train-subset 1000 --depth 10 --width 1 --dropout 0 \
-      --epochs 6 --batch-size 50 --warmup-epochs 2 --resplit-every 2 --eval-every 2 --device cpu \
+    exec "$PY" molere.py --dataset synthetic --train-subset 800 --depth 10 --width 1 --dropout 0 \
+      --epochs 5 --batch-size 50 --warmup-epochs 2 --resplit-every 1 --eval-every 0 --device cpu \
       --method all --out runs/demo --resume "$@" ;;
   test)
     exec "$PY" -m pytest -q tests "$@" ;;
