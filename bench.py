@@ -23,7 +23,8 @@ def timed_steps(method, args, data, device, steps, warmup):
     if method != "erm":
         run.val_mask = molere.per_class_topk(torch.rand(len(data.y), device=device), data.y,
                                              args.delta, data.classes)
-    molere.train_epoch(run, data, args, max_steps=warmup)
+    if warmup:
+        molere.train_epoch(run, data, args, max_steps=warmup)
     sync(device)
     t = time.perf_counter()
     molere.train_epoch(run, data, args, max_steps=steps)

@@ -464,7 +464,7 @@ def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng):
     with replay_rng(rng, x.device):
         _, a = jvp(lambda p: per_sample_losses(model, p, x, y), (params,), (dict(zip(params, v)),))
     w = torch.sigmoid(meta(h, y))
-    return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=-alpha * a / len(y))
+    return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=(-alpha * a / len(y)).to(w.dtype))
 
 
 def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng):
