@@ -47,14 +47,15 @@ def margin_table(gains):
 
 def time_table(rows):
     by = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["seed"]):
         by.setdefault(r["method"], []).append(r["wall_time_s"])
     erm = statistics.mean(by["erm"]) if "erm" in by else None
-    lines = ["| method | runs | wall time per run (s) | / ERM |", "|---|---|---|---|"]
+    lines = ["| method | wall time per run, by seed (s) | mean (s) | mean / ERM mean |", "|---|---|---|---|"]
     for m in molere.METHODS:
         if m in by:
             t = statistics.mean(by[m])
-            lines.append(f"| {m} | {len(by[m])} | {t:.0f} | {t / erm:.2f} |" if erm else f"| {m} | {len(by[m])} | {t:.0f} | — |")
+            ratio = f"{t / erm:.2f}" if erm else "—"
+            lines.append(f"| {m} | {', '.join(f'{x:.0f}' for x in by[m])} | {t:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
