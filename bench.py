@@ -42,7 +42,7 @@ def main():
     p.add_argument("--depth", type=int, default=10)
     p.add_argument("--width", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per method (rounded up to a multiple of K)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per method (rounded up to a multiple of K)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--device", default="auto")
