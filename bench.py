@@ -4,13 +4,15 @@
     python bench.py --depth 28 --width 10 --batch-size 128 --steps 50 --device cuda   # the paper's model
 
 Both methods run the real `train_epoch` of molere.py for --warmup untimed steps, then --steps
-timed ones (a multiple of K, so MOLERE's share of meta and splitter steps is exact). Split
+timed ones (a multiple of K, so MOLERE's share of meta and splitter steps is exact), in
+--repeats alternating rounds; the median round counts. Split
 refreshes and evaluation are outside the timed region: they cost one eval pass over S every
 R epochs, which this measures nowhere. With --check-nan N it also runs N MOLERE steps and
 checks that the classifier, meta-network and splitter parameters stay finite.
 The last line printed is `molere/erm time ratio: X.XX`.
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -44,6 +46,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40, help="timed steps per method (rounded up to a multiple of K)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per method; the median counts")
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
@@ -59,13 +62,15 @@ def main():
     steps = -(-b.steps // b.K) * b.K
     print(f"WRN-{b.depth}-{b.width}, batch {b.batch_size}, K={b.K}, {steps} timed steps, "
           f"{molere.device_name(device)}, torch {torch.__version__}")
-    rows = {}
-    for method in ("erm", "molere"):
-        secs, _ = timed_steps(method, args, data, device, steps, b.warmup)
-        rows[method] = secs
-    print("| method | s/step | images/s |\n|---|---|---|")
+    times = {"erm": [], "molere": []}
+    for _ in range(b.repeats):  # alternate the two, so drifts of the machine hit both alike
+        for method in times:
+            times[method].append(timed_steps(method, args, data, device, steps, b.warmup)[0])
+    rows = {m: statistics.median(t) for m, t in times.items()}
+    print(f"| method | s/step (median of {b.repeats}) | images/s | all rounds (s/step) |\n|---|---|---|---|")
     for m, secs in rows.items():
-        print(f"| {m} | {secs / steps:.4f} | {steps * b.batch_size / secs:.1f} |")
+        print(f"| {m} | {secs / steps:.4f} | {steps * b.batch_size / secs:.1f} | "
+              f"{', '.join(f'{t / steps:.4f}' for t in times[m])} |")
     if b.check_nan:
         _, run = timed_steps("molere", args, data, device, b.check_nan, 0)
         finite = all(torch.isfinite(p).all() for net in (run.model, run.meta, run.splitter)

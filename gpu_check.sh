@@ -12,13 +12,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 echo "== kernel benchmark"
 timeout 180 "$PY" kernels/bench.py 2>&1 | tee -a "$log"
 echo "== WRN-28-10 step throughput, batch 128, bf16, channels_last; 200 MOLERE steps NaN check"
-timeout 240 "$PY" bench.py --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --device cuda \
+timeout 240 "$PY" bench.py --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --repeats 2 --device cuda \
   --check-nan 200 2>&1 | tee -a "$log"
 echo
 echo "| check | result |"
 echo "|---|---|"
 echo "| card | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) |"
 grep -h "^SUMMARY" "$log" | sed 's/^SUMMARY \([^:]*\): \(.*\)$/| \1 | \2 |/'
-grep -h "^| erm \|^| molere " "$log" | sed 's/^| \([a-z]*\) | \([^|]*\) | \([^|]*\) |/| \1 step: s\/step, images\/s | \2 \/ \3 |/'
+grep -h "^| erm \|^| molere " "$log" | sed 's/^| \([a-z]*\) | \([^|]*\) | \([^|]*\) |.*$/| \1 step: s\/step, images\/s | \2 \/ \3 |/'
 grep -h "parameters finite\|time ratio" "$log" | sed 's/^\(.*\): \(.*\)$/| \1 | \2 |/'
 rm -f "$log"
