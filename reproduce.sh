@@ -20,14 +20,16 @@ if ! "$PY" -c "import torch, torchvision, triton, numpy, pytest" 2>/dev/null; th
 fi
 
 has_gpu() { "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; }
-need_gpu() {
-  local force=0 a
-  for a in "${ARGS[@]+"${ARGS[@]}"}"; do [ "$a" = "--force" ] && force=1; done
+need_gpu() {  # drops --force from ARGS; without it, refuses to start on a machine with no GPU
+  local force=0 a kept=()
+  for a in "${ARGS[@]+"${ARGS[@]}"}"; do
+    if [ "$a" = "--force" ]; then force=1; else kept+=("$a"); fi
+  done
+  ARGS=("${kept[@]+"${kept[@]}"}")
   if ! has_gpu && [ $force = 0 ]; then
     echo "reproduce.sh $1: this is a GPU experiment (hours on one GPU) and torch sees no GPU here; pass --force to run it anyway" >&2
     exit 2
   fi
-  ARGS=("${ARGS[@]/--force}")
 }
 
 # The reduced study of RESULTS.md: WRN-10-2 on a fixed 5,000-image class-balanced subset of
