@@ -679,6 +679,7 @@ def train(args, cfg, method, seed, data, device, val_mask=None, resume=None):
     elif val_mask is not None:
         run.val_mask = val_mask
     tag = f"[{method} seed {seed}]"
+    test_logits = None
     while run.epoch < args.epochs:
         t0 = time.time()
         split = {}
@@ -697,19 +698,20 @@ def train(args, cfg, method, seed, data, device, val_mask=None, resume=None):
         entry = dict(epoch=run.epoch, lr=lr, **stats, **split)
         last = run.epoch == args.epochs
         if last or (args.eval_every and run.epoch % args.eval_every == 0):
-            logits, _ = predict(run.fwd, data, data.x_test)
-            entry["test_acc"] = float((logits.argmax(1) == data.y_test).float().mean() * 100)
+            test_logits, _ = predict(run.fwd, data, data.x_test)
+            entry["test_acc"] = float((test_logits.argmax(1) == data.y_test).float().mean() * 100)
         run.elapsed += time.time() - t0
         entry["time_s"] = round(time.time() - t0, 2)
         run.log.append(entry)
         run.save(path, cfg)
         print(progress_line(tag, entry, run, args), flush=True)
         stop_after_epoch(args)
-    logits, _ = predict(run.fwd, data, data.x_test)
+    if test_logits is None:  # resumed from a checkpoint of the last epoch
+        test_logits, _ = predict(run.fwd, data, data.x_test)
     return run, dict(
         method=method, seed=seed, dataset=args.dataset, config_hash=config_hash(cfg), config=cfg,
-        test_acc=float((logits.argmax(1) == data.y_test).float().mean() * 100),
-        test_margins=[round(m, 4) for m in margins(logits, data.y_test).tolist()],
+        test_acc=float((test_logits.argmax(1) == data.y_test).float().mean() * 100),
+        test_margins=[round(m, 4) for m in margins(test_logits, data.y_test).tolist()],
         val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
         device=device_name(device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
@@ -738,7 +740,8 @@ def progress_line(tag, e, run, args):
                      f"kept {e['split_kept']:.0%}")
     if "test_acc" in e:
         parts.append(f"test {e['test_acc']:.2f}%")
-    parts.append(f"{e['time_s']:.1f}s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    h, rest = divmod(int(eta), 3600)
+    parts.append(f"{e['time_s']:.1f}s ETA {h}:{rest // 60:02d}:{rest % 60:02d}")
     return " | ".join(parts)
 
 
