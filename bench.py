@@ -39,6 +39,38 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def profile_meta_step(args, data, device, repeats=5):
+    """Milliseconds of each part of one MOLERE meta step, on one training batch."""
+    run = molere.Run(args, "molere", 0, data, device)
+    model, idx = run.model, torch.arange(args.batch_size, device=device)
+    x, y = molere.get_batch(data, idx, augment=True), data.y[idx]
+
+    def classifier_step():
+        logits, h = model(x)
+        model.zero_grad(set_to_none=True)
+        molere.weighted_cross_entropy(logits, y, torch.sigmoid(run.meta(h, y)).detach()).backward()
+        return h.detach()
+
+    h = classifier_step()
+    grads, rng = [p.grad for p in model.parameters()], molere.rng_state(device)
+    parts = {
+        "classifier step (forward + backward)": classifier_step,
+        "look-ahead validation forward + backward": lambda: molere.lookahead_val_grad(model, grads, 0.1, x, y),
+        "whole fast meta-gradient (look-ahead + JVP + dw/dphi)":
+            lambda: molere.meta_grad_fast(model, run.meta, x, y, h, grads, x, y, 0.1, rng),
+        "splitter step": lambda: molere.splitter_step(run, data, args),
+    }
+    print("| part of a MOLERE step | ms |\n|---|---|")
+    for name, fn in parts.items():
+        fn()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(device)
+        print(f"| {name} | {(time.perf_counter() - t) / repeats * 1000:.0f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=10)
@@ -51,6 +83,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--check-nan", type=int, default=0, help="also run this many MOLERE steps and check for NaN")
+    p.add_argument("--profile", action="store_true", help="also time the parts of one meta step")
     b = p.parse_args()
     argv = ["--dataset", "synthetic", "--depth", str(b.depth), "--width", str(b.width),
             "--batch-size", str(b.batch_size), "--K", str(b.K), "--device", b.device, "--epochs", "200"]
@@ -76,6 +109,8 @@ def main():
         finite = all(torch.isfinite(p).all() for net in (run.model, run.meta, run.splitter)
                      for p in net.parameters())
         print(f"{b.check_nan} MOLERE steps: parameters finite: {'yes' if finite else 'NO'}")
+    if b.profile:
+        profile_meta_step(args, data, device)
     print(f"molere/erm time ratio: {rows['molere'] / rows['erm']:.2f}")
 
 
