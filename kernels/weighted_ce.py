@@ -127,6 +127,7 @@ def _torch_path(logits, labels, weights, scale, ignore_index):
 
 
 def _check(logits, labels, weights, reduction, ignore_index):
+    """Raises on bad input; returns the number of non-ignored rows. One host sync in all."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.dim() != 2:
@@ -144,21 +145,23 @@ def _check(logits, labels, weights, reduction, ignore_index):
                          f"{logits.device}, {labels.device}, {weights.device}")
     if c == 0:
         raise ValueError("logits have no classes (C = 0)")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
-    if n and bool(bad.any()):
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= c))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if n_bad:
         raise ValueError(f"labels out of range [0, {c}) (ignore_index={ignore_index}): "
                          f"{labels[bad][:5].tolist()}")
+    return n_valid
 
 
 class WeightedCrossEntropy(torch.autograd.Function):
     """autograd.Function around the fused forward; backward only rescales saved buffers."""
 
     @staticmethod
-    def forward(ctx, logits, labels, weights, reduction, ignore_index):
+    def forward(ctx, logits, labels, weights, reduction, ignore_index, n_valid):
         labels = labels.long().contiguous()
         w = weights.detach().contiguous()
-        n_valid = int((labels != ignore_index).sum()) if reduction == "mean" else 1
-        scale = 1.0 / n_valid if n_valid > 0 else 0.0
+        scale = 1.0 if reduction != "mean" else (1.0 / n_valid if n_valid > 0 else 0.0)
         run = _launch if _use_kernel(logits) else _torch_path
         loss, grad = run(logits, labels, w, scale, ignore_index)
         weighted = w.to(loss.dtype) * loss
@@ -186,7 +189,7 @@ class WeightedCrossEntropy(torch.autograd.Function):
             row_scale = grad_out * ctx.scale
         if ctx.needs_input_grad[2]:
             g_w = (loss * row_scale).to(ctx.w_dtype)
-        return g_logits, None, g_w, None, None
+        return g_logits, None, g_w, None, None, None
 
 
 def weighted_cross_entropy(logits, labels, weights, reduction="mean", ignore_index=-100,
@@ -201,6 +204,6 @@ def weighted_cross_entropy(logits, labels, weights, reduction="mean", ignore_ind
     If `weights` requires grad, its gradient is the unweighted loss l_i (times the
     reduction's scale). Double backward is not supported and raises.
     """
-    _check(logits, labels, weights, reduction, ignore_index)
-    out, losses = WeightedCrossEntropy.apply(logits, labels, weights, reduction, ignore_index)
+    n_valid = _check(logits, labels, weights, reduction, ignore_index)
+    out, losses = WeightedCrossEntropy.apply(logits, labels, weights, reduction, ignore_index, n_valid)
     return (out, losses) if return_losses else out
