@@ -67,11 +67,9 @@ def figures(rows, gains, folder):
     except ImportError:
         print("figures skipped: matplotlib is not installed (pip install matplotlib), the tables above are complete")
         return
-    acc = {}
-    for r in rows:
-        acc.setdefault(r["method"], {})[r["seed"]] = r["test_acc"]
-    methods = [m for m in molere.METHODS[1:] if m in acc]
-    paired = [[acc[m][s] - acc["erm"][s] for s in acc[m] if s in acc.get("erm", {})] for m in methods]
+    acc = molere.accuracy_by_seed(rows)
+    methods = [m for m in molere.METHODS[1:] if m in acc and molere.paired_gains(acc, m)]
+    paired = [molere.paired_gains(acc, m) for m in methods]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(methods))
     ax.bar([x - 0.2 for x in xs], [statistics.mean(p) for p in paired], 0.4,

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 from kernels import weighted_cross_entropy
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
 # ----------------------------------------------------------------------------- config
 
@@ -497,6 +498,11 @@ def predict(net, data, x, chunk=1000):
     return torch.cat(outs), torch.cat(feats)
 
 
+def accuracy(logits, y):
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(1) == y).float().mean() * 100)
+
+
 def margins(logits, y):
     """Probabilistic margin PM(x, y) = p_y(x) - max_{k != y} p_k(x), in [-1, 1] (SPEC section 3)."""
     p = logits.float().softmax(1)
@@ -699,7 +705,7 @@ def train(args, cfg, method, seed, data, device, val_mask=None, resume=None):
         last = run.epoch == args.epochs
         if last or (args.eval_every and run.epoch % args.eval_every == 0):
             test_logits, _ = predict(run.fwd, data, data.x_test)
-            entry["test_acc"] = float((test_logits.argmax(1) == data.y_test).float().mean() * 100)
+            entry["test_acc"] = accuracy(test_logits, data.y_test)
         run.elapsed += time.time() - t0
         entry["time_s"] = round(time.time() - t0, 2)
         run.log.append(entry)
@@ -710,7 +716,7 @@ def train(args, cfg, method, seed, data, device, val_mask=None, resume=None):
         test_logits, _ = predict(run.fwd, data, data.x_test)
     return run, dict(
         method=method, seed=seed, dataset=args.dataset, config_hash=config_hash(cfg), config=cfg,
-        test_acc=float((test_logits.argmax(1) == data.y_test).float().mean() * 100),
+        test_acc=accuracy(test_logits, data.y_test),
         test_margins=[round(m, 4) for m in margins(test_logits, data.y_test).tolist()],
         val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
         device=device_name(device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -769,12 +775,24 @@ def mean_std(xs):
     return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
 
 
-def report_table(rows, dataset):
-    """Method, accuracy mean +- std (n seeds), gain over ERM and its per-seed paired spread,
-    and the paper's CIFAR-100 gain beside it (labelled as the paper's)."""
+def accuracy_by_seed(rows):
+    """{method: {seed: test accuracy}} from result lines."""
     by = {}
     for r in rows:
         by.setdefault(r["method"], {})[r["seed"]] = r["test_acc"]
+    return by
+
+
+def paired_gains(by, method):
+    """Per-seed gains of `method` over the ERM run of the same seed, in points, by seed order."""
+    erm = by.get("erm", {})
+    return [acc - erm[s] for s, acc in sorted(by[method].items()) if s in erm]
+
+
+def report_table(rows, dataset):
+    """Method, accuracy mean +- std (n seeds), gain over ERM and its per-seed paired spread,
+    and the paper's CIFAR-100 gain beside it (labelled as the paper's)."""
+    by = accuracy_by_seed(rows)
     erm = by.get("erm", {})
     lines = [f"results on {dataset} (test accuracy, %; gains in points over ERM of the same seed)",
              f"| method | n | accuracy mean ± std | gain over ERM | paired gain ± std | "
@@ -784,8 +802,8 @@ def report_table(rows, dataset):
             continue
         accs = list(by[m].values())
         mu, sd = mean_std(accs)
-        paired = [acc - erm[s] for s, acc in by[m].items() if s in erm]
-        if m != "erm" and erm and paired:
+        paired = paired_gains(by, m)
+        if m != "erm" and paired:
             pm, ps = mean_std(paired)
             gain, pair = f"{mu - mean_std(list(erm.values()))[0]:+.2f}", f"{pm:+.2f} ± {ps:.2f} (n={len(paired)})"
         else:
