@@ -12,6 +12,8 @@ Train-twice variants (LRW-Easy/Random/Hard) fix S_val from an ERM model's margin
     python molere.py --dataset cifar100 --data-root data --seeds 0 1 2     # the paper setting
     python molere.py --help
 
+The file reads in the order a run executes: config, data, networks, the LRW meta-gradient,
+the three steps of one training step, the MOLERE loop, results, CLI.
 Equation -> function: README.md, "Where each equation lives".
 """
 import argparse
@@ -25,7 +27,8 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -41,114 +44,112 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # n
 
 METHODS = ("erm", "lrw-random", "lrw-easy", "lrw-hard", "molere")
 DATASETS = ("synthetic", "cifar10", "cifar100")
-# The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 5).
+# The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 6).
 # Printed beside our numbers, labelled as the paper's; never used as a result.
 PAPER_GAIN_CIFAR100 = {"lrw-easy": -0.31, "lrw-random": 0.57, "lrw-hard": 1.72, "molere": 1.96}
-# Flags that say where or how a run executes, not what it computes: a checkpoint or a
-# result made under other values of these is still the same run.
-NOT_RUN_CONFIG = {"method", "seeds", "out", "resume", "device", "data_root", "no_download",
-                  "compile", "eval_every", "stop_after", "threads", "report", "epochs_done_here"}
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="MOLERE / LRW reproduction (CVPR 2024). Defaults: the paper's CIFAR-100 "
-                    "WRN-28-10 setting with the standard recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--method", default="all", help="erm | lrw-random | lrw-easy | lrw-hard | molere | all "
-      "(all: ERM once per seed, reused for the train-twice margins, then the rest)")
-    a("--dataset", default="cifar100", help="synthetic | cifar10 | cifar100")
-    a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    a("--no-download", action="store_true", help="never try to download missing CIFAR files")
-    a("--train-subset", type=int, default=0,
-      help="train on a fixed class-balanced subset of this many images (0: all of S)")
-    a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
-    # classifier: Wide-ResNet and the standard CIFAR recipe (SPEC section 5)
-    a("--depth", type=int, default=28, help="Wide-ResNet depth, 6n+4")
-    a("--width", type=int, default=10, help="Wide-ResNet widening factor k")
-    a("--dropout", type=float, default=0.3, help="dropout between the two convs of a block")
-    a("--epochs", type=int, default=200, help="epochs over the classifier's training split")
-    a("--batch-size", type=int, default=128, help="classifier, validation and splitter batch size")
-    a("--lr", type=float, default=0.1, help="classifier SGD learning rate (also alpha of the look-ahead)")
-    a("--momentum", type=float, default=0.9, help="classifier SGD Nesterov momentum")
-    a("--wd", type=float, default=5e-4, help="classifier weight decay")
-    a("--milestones", type=float, nargs="+", default=[0.3, 0.6, 0.8],
-      help="fractions of --epochs at which the learning rate is multiplied by --gamma")
-    a("--gamma", type=float, default=0.2, help="learning-rate decay factor at each milestone")
+class UserError(Exception):
+    """Bad input, missing data, a checkpoint that does not fit: the CLI prints one line, exit 2."""
+
+
+class ConfigError(UserError):
+    """A flag value that no run can use."""
+
+
+class DataError(UserError):
+    """Missing or unreadable data."""
+
+
+class ConfigMismatch(UserError):
+    """A checkpoint made under another Config."""
+
+
+def knob(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run's numbers, and nothing else (where and how a run executes
+    is apart, in `Runtime`). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
+    standard recipe. Stored with every checkpoint and result; every field is a CLI flag."""
+    dataset: str = knob("cifar100", "synthetic | cifar10 | cifar100")
+    train_subset: int = knob(0, "train on a fixed class-balanced subset of this many images (0: all of S)")
+    # classifier: Wide-ResNet and the standard CIFAR recipe (SPEC section 6)
+    depth: int = knob(28, "Wide-ResNet depth, 6n+4")
+    width: int = knob(10, "Wide-ResNet widening factor k")
+    dropout: float = knob(0.3, "dropout between the two convs of a block")
+    epochs: int = knob(200, "epochs over the classifier's training split")
+    batch_size: int = knob(128, "classifier, validation and splitter batch size")
+    lr: float = knob(0.1, "classifier SGD learning rate (also alpha of the look-ahead)")
+    momentum: float = knob(0.9, "classifier SGD Nesterov momentum")
+    wd: float = knob(5e-4, "classifier weight decay")
+    milestones: tuple = knob((0.3, 0.6, 0.8), "fractions of --epochs at which the lr is multiplied by --gamma")
+    gamma: float = knob(0.2, "learning-rate decay factor at each milestone")
     # LRW and MOLERE
-    a("--delta", type=float, default=0.1, help="validation fraction delta, in (0, 0.5]")
-    a("--K", type=int, default=5, help="meta-network and splitter update every K classifier steps")
-    a("--meta-grad", default="fast", help="fast (one JVP, no double backward) | reference (create_graph)")
-    a("--meta-lr", type=float, default=1e-3, help="Adam learning rate of the meta-network g_phi")
-    a("--split-lr", type=float, default=1e-3, help="Adam learning rate of the splitter P_Theta")
-    a("--hidden", type=int, default=100, help="hidden units of the meta-network and the splitter")
-    a("--warmup-epochs", type=int, default=25, help="MOLERE: epochs on a random split before the splitter's")
-    a("--resplit-every", type=int, default=5, help="MOLERE: recompute the hard split every R epochs")
-    a("--lambda-size", type=float, default=1.0, help="weight of the splitter's size regularizer")
-    a("--lambda-bal", type=float, default=1.0, help="weight of the splitter's label-balance regularizer")
-    # running
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--compile", action="store_true", help="torch.compile the classifier for its plain steps and evaluation")
-    a("--out", default="runs", help="folder for checkpoints and results.jsonl")
-    a("--resume", action="store_true", help="continue runs from their checkpoints, skip finished ones")
-    a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
-    a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
-    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    a("--report", action="store_true", help="print the results table of this config from OUT and exit")
-    p.error = fail  # one clear line, not a usage dump
-    return p
+    delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
+    K: int = knob(5, "meta-network and splitter update every K classifier steps")
+    meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
+    meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi")
+    split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
+    hidden: int = knob(100, "hidden units of the meta-network and the splitter")
+    warmup_epochs: int = knob(25, "MOLERE: epochs on a random split before the splitter's")
+    resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
+    lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
+    lambda_bal: float = knob(1.0, "weight of the splitter's label-balance regularizer")
+
+    def __post_init__(self):
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        bad = self.problem()
+        if bad:
+            raise ConfigError(bad)
+
+    def problem(self):
+        """The first value no run can use, as one line; None if all are fine."""
+        if self.dataset not in DATASETS:
+            return f"unknown --dataset {self.dataset!r}: choose from {', '.join(DATASETS)}"
+        if not 0 < self.delta <= 0.5:
+            return f"--delta must be in (0, 0.5], got {self.delta}"
+        if self.K < 1:
+            return f"--K must be at least 1, got {self.K}"
+        if self.meta_grad not in ("fast", "reference"):
+            return f"--meta-grad must be fast or reference, got {self.meta_grad!r}"
+        if self.depth < 10 or (self.depth - 4) % 6:
+            return f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}"
+        for name in ("width", "epochs", "batch_size", "resplit_every", "hidden"):
+            if getattr(self, name) < 1:
+                return f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+        for name in ("lr", "meta_lr", "split_lr"):
+            if not 0 < getattr(self, name) < math.inf:
+                return f"--{name.replace('_', '-')} must be a finite positive number, got {getattr(self, name)}"
+        if not (0 <= self.momentum < 1 and 0 <= self.wd < math.inf and 0 < self.gamma <= 1):
+            return "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"
+        if not all(0 < m <= 1 for m in self.milestones):
+            return f"--milestones are fractions of --epochs, each in (0, 1], got {list(self.milestones)}"
+        if not (0 <= self.lambda_size < math.inf and 0 <= self.lambda_bal < math.inf):
+            return "--lambda-size and --lambda-bal must be finite and non-negative"
+        if not 0 <= self.dropout < 1 or self.warmup_epochs < 0 or self.train_subset < 0:
+            return "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"
+        return None
+
+    def as_dict(self):
+        return json.loads(json.dumps(asdict(self)))  # what a checkpoint or result line holds
+
+    def hash(self):
+        return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def fail(msg):
-    print(f"molere.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args):
-    """Bad input ends here with one line and exit code 2, before any data or training."""
-    if args.method not in METHODS + ("all",):
-        fail(f"unknown --method {args.method!r}: choose from {', '.join(METHODS + ('all',))}")
-    if args.dataset not in DATASETS:
-        fail(f"unknown --dataset {args.dataset!r}: choose from {', '.join(DATASETS)}")
-    if not 0 < args.delta <= 0.5:
-        fail(f"--delta must be in (0, 0.5], got {args.delta}")
-    if args.K < 1:
-        fail(f"--K must be at least 1, got {args.K}")
-    if args.meta_grad not in ("fast", "reference"):
-        fail(f"--meta-grad must be fast or reference, got {args.meta_grad!r}")
-    if args.depth < 10 or (args.depth - 4) % 6:
-        fail(f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {args.depth}")
-    for name in ("width", "epochs", "batch_size", "resplit_every"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "meta_lr", "split_lr"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1 or args.warmup_epochs < 0 or args.train_subset < 0 or min(args.seeds) < 0:
-        fail("--dropout must be in [0, 1); --warmup-epochs, --train-subset and --seeds non-negative")
-    if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
-        fail(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
-    if args.method in ("molere", "all") and args.warmup_epochs >= args.epochs:
-        fail(f"--warmup-epochs {args.warmup_epochs} leaves MOLERE no epoch on the splitter's split "
-             f"(--epochs {args.epochs}): lower it")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {args.device} asked for, but torch sees no CUDA device")
-
-
-def run_config(args):
-    """What defines a run's numbers: compared on --resume, stored with every result."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_CONFIG}
-
-
-def config_hash(cfg):
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how runs execute; none of it changes a run's numbers."""
+    device: torch.device = torch.device("cpu")
+    out: str = "runs"
+    resume: bool = False     # continue runs from their checkpoints, skip finished ones
+    compile: bool = False    # torch.compile the classifier for its plain steps and evaluation
+    eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
 
 # ----------------------------------------------------------------------------- data
-
-
-class DataError(Exception):
-    """Missing or unreadable data: reported as one line, exit code 2."""
 
 
 CIFAR = {
@@ -269,15 +270,15 @@ class Data:
     std: torch.Tensor
 
 
-def load_data(args, device):
-    if args.dataset == "synthetic":
+def load_data(cfg, device, data_root="data", download=True):
+    if cfg.dataset == "synthetic":
         x, y, xt, yt, classes = make_synthetic()
     else:
-        x, y, xt, yt, classes = load_cifar(args.data_root, args.dataset, not args.no_download)
-    if args.train_subset:
-        if args.train_subset > len(y):
-            raise DataError(f"--train-subset {args.train_subset} exceeds the {len(y)} training images")
-        keep = balanced_subset(y, args.train_subset, classes)
+        x, y, xt, yt, classes = load_cifar(data_root, cfg.dataset, download)
+    if cfg.train_subset:
+        if cfg.train_subset > len(y):
+            raise DataError(f"--train-subset {cfg.train_subset} exceeds the {len(y)} training images")
+        keep = balanced_subset(y, cfg.train_subset, classes)
         x, y = x[keep], y[keep]
     xf = x.float() / 255
     mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
@@ -301,6 +302,10 @@ def get_batch(data, idx, augment, x=None):
         x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     x = (x / 255 - data.mean) / data.std
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 # ----------------------------------------------------------------------------- Wide-ResNet
 
@@ -348,6 +353,33 @@ class WideResNet(nn.Module):
     def forward(self, x):
         h = F.relu(self.bn(self.blocks(self.conv(x)))).mean((2, 3))
         return self.fc(h), h
+
+
+@torch.no_grad()
+def predict(net, data, x, chunk=1000):
+    """Eval mode, no augmentation: logits (fp32) and features for every image of x."""
+    was_training = net.training
+    net.eval()
+    outs, feats = [], []
+    for i in range(0, len(x), chunk):
+        with autocast(x.device):
+            o, h = net(get_batch(data, slice(i, i + chunk), augment=False, x=x))
+        outs.append(o.float())
+        feats.append(h.float())
+    net.train(was_training)
+    return torch.cat(outs), torch.cat(feats)
+
+
+def accuracy(logits, y):
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(1) == y).float().mean() * 100)
+
+
+def margins(logits, y):
+    """Probabilistic margin PM(x, y) = p_y(x) - max_{k != y} p_k(x), in [-1, 1] (SPEC section 3)."""
+    p = logits.float().softmax(1)
+    p_y = p.gather(1, y[:, None]).squeeze(1)
+    return p_y - p.scatter(1, y[:, None], -1.0).max(1).values
 
 # ----------------------------------------------------------------------------- meta-network, splitter
 
@@ -417,7 +449,7 @@ def per_class_topk(scores, labels, delta, classes):
     rank[order] = torch.arange(len(labels), device=labels.device) - start[labels[order]]
     return rank < k[labels]
 
-# ----------------------------------------------------------------------------- LRW meta-step (SPEC section 1)
+# ----------------------------------------------------------------------------- LRW meta-gradient (SPEC section 1)
 
 
 def cloned_buffers(model):
@@ -441,8 +473,10 @@ def replay_rng(state, device):
 
 
 def per_sample_losses(model, params, x, y):
-    logits, _ = functional_call(model, {**params, **cloned_buffers(model)}, (x,))
-    return F.cross_entropy(logits, y, reduction="none")  # autocast runs it in fp32
+    """l_i at the given parameters, BatchNorm statistics on copies. Works with any classifier
+    whose forward returns logits or a tuple that starts with them."""
+    out = functional_call(model, {**params, **cloned_buffers(model)}, (x,))
+    return F.cross_entropy(out[0] if isinstance(out, tuple) else out, y, reduction="none")  # fp32 under autocast
 
 
 def lookahead_val_grad(model, grads, alpha, xv, yv):
@@ -480,267 +514,262 @@ def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng):
     loss_val = per_sample_losses(model, theta1, xv, yv).mean()
     return loss_val.detach(), torch.autograd.grad(loss_val, list(meta.parameters()))
 
-# ----------------------------------------------------------------------------- evaluation and margins
+# ----------------------------------------------------------------------------- one training step, in three parts
 
 
-@torch.no_grad()
-def predict(net, data, x, chunk=1000):
-    """Eval mode, no augmentation: logits (fp32) and features for every image of x."""
-    was_training = net.training
-    net.eval()
-    outs, feats = [], []
-    for i in range(0, len(x), chunk):
-        with autocast(x.device):
-            o, h = net(get_batch(data, slice(i, i + chunk), augment=False, x=x))
-        outs.append(o.float())
-        feats.append(h.float())
-    net.train(was_training)
-    return torch.cat(outs), torch.cat(feats)
+class Run:
+    """Everything one (method, seed) training run owns; checkpointed every epoch."""
+    STATE = ("model", "meta", "splitter", "opt", "sched", "opt_meta", "opt_split")
+
+    def __init__(self, cfg, method, seed, data, device, compile=False):
+        torch.manual_seed(seed)
+        self.method, self.seed, self.device = method, seed, device
+        self.model = WideResNet(cfg.depth, cfg.width, data.classes, cfg.dropout).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.fwd = torch.compile(self.model) if compile else self.model  # never for meta steps
+        feats = self.model.features
+        self.meta = SampleNet(feats, data.classes, cfg.hidden).to(device)
+        self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt, sorted({round(f * cfg.epochs) for f in cfg.milestones}), cfg.gamma)
+        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr)
+        self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
+        self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
+        self.epoch = self.step = 0
+        self.elapsed = 0.0
+        self.log = []
+
+    @property
+    def reweights(self):
+        return self.method != "erm"
 
 
-def accuracy(logits, y):
-    """Top-1 accuracy in percent."""
-    return float((logits.argmax(1) == y).float().mean() * 100)
+def classifier_step(run, data, cfg, idx, stats, meta_next=False):
+    """SPEC section 1, inner level: G = grad_theta mean_i w_i l_i on the batch S_tr[idx], with
+    w_i = g_phi(x_i, y_i) detached (ERM: w_i = 1), through the fused kernel; G is left in
+    p.grad. The optimizer applies it after the meta step, which needs theta and G as they are.
+    With `meta_next` the eager model runs and the RNG state is kept, so the meta step's JVP
+    replays this forward's dropout masks exactly. Returns the batch and what the meta step needs."""
+    x, y = get_batch(data, idx, augment=True), data.y[idx]
+    rng = rng_state(run.device) if meta_next else None
+    with autocast(run.device):
+        logits, h = (run.model if meta_next else run.fwd)(x)
+    h = h.detach()
+    w = torch.sigmoid(run.meta(h, y)).detach() if run.reweights else torch.ones(len(y), device=run.device)
+    loss = weighted_cross_entropy(logits, y, w)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    stats["loss"].append(loss.detach())
+    stats["w_mean"].append(w.mean())
+    stats["w_sq"].append((w * w).mean())
+    return x, y, h, rng
 
 
-def margins(logits, y):
-    """Probabilistic margin PM(x, y) = p_y(x) - max_{k != y} p_k(x), in [-1, 1] (SPEC section 3)."""
-    p = logits.float().softmax(1)
-    p_y = p.gather(1, y[:, None]).squeeze(1)
-    return p_y - p.scatter(1, y[:, None], -1.0).max(1).values
+def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
+    """SPEC section 1, middle level: phi <- phi - beta2 grad_phi L_val(theta'(phi)), with the
+    look-ahead theta' at this training batch and L_val on a batch drawn from S_val.
+    The classifier update of this step still uses phi from before (one-step lag, README)."""
+    vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)]
+    xv, yv = get_batch(data, vi, augment=True), data.y[vi]
+    alpha = run.opt.param_groups[0]["lr"]
+    with autocast(run.device):
+        if cfg.meta_grad == "fast":
+            grads = [p.grad for p in run.model.parameters()]
+            loss_val, meta_grads = meta_grad_fast(run.model, run.meta, x, y, h, grads, xv, yv, alpha, rng)
+        else:
+            loss_val, meta_grads = meta_grad_reference(run.model, run.meta, x, y, h, xv, yv, alpha, rng)
+    for p, g in zip(run.meta.parameters(), meta_grads):
+        p.grad = g.float()
+    run.opt_meta.step()
+    stats["val_loss"].append(loss_val.float())
+
+
+def splitter_step(run, data, cfg, stats):
+    """SPEC section 2: one update of Theta on a batch drawn from all of S, scored like the
+    split itself: eval mode, no augmentation, so 'correct' and l_i are the classifier's
+    clean verdicts."""
+    idx = torch.randint(len(data.y), (cfg.batch_size,), device=run.device)
+    y = data.y[idx]
+    logits, h = predict(run.fwd, data, data.x[idx], chunk=cfg.batch_size)
+    losses = F.cross_entropy(logits, y, reduction="none")
+    loss, parts = splitter_loss(run.splitter(h, y), logits.argmax(1) == y, losses, y, cfg.delta,
+                                data.classes, cfg.lambda_size, cfg.lambda_bal)
+    run.opt_split.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt_split.step()
+    for name, value in parts.items():
+        stats[f"split_{name}"].append(value)
+
+
+def epoch_batches(run, cfg):
+    """S_tr in a fresh random order, cut into full batches (the last partial one is dropped)."""
+    train_idx = (~run.val_mask).nonzero().squeeze(1)
+    order = train_idx[torch.randperm(len(train_idx), device=run.device)]
+    return order[:len(order) // cfg.batch_size * cfg.batch_size].view(-1, cfg.batch_size)
+
+
+def train_steps(run, data, cfg, batches):
+    """One classifier step per batch; every K-th step of LRW and MOLERE also updates phi, and
+    for MOLERE Theta. Returns the per-step statistics averaged, by name."""
+    val_idx = run.val_mask.nonzero().squeeze(1)
+    stats = defaultdict(list)
+    run.model.train()
+    for idx in batches:
+        meta_now = run.reweights and run.step % cfg.K == 0
+        x, y, h, rng = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
+        if meta_now:
+            meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
+            if run.method == "molere":
+                splitter_step(run, data, cfg, stats)
+        run.opt.step()
+        run.step += 1
+    means = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist()  # one host sync
+    out = dict(zip(stats, means), steps=len(batches))
+    out["w_std"] = math.sqrt(max(out.pop("w_sq") - out["w_mean"] ** 2, 0.0))
+    return out
+
+
+def train_epoch(run, data, cfg):
+    return train_steps(run, data, cfg, epoch_batches(run, cfg))
+
+# ----------------------------------------------------------------------------- the splits
+
+
+def random_split(data, delta, seed):
+    g = torch.Generator().manual_seed(seed)
+    return per_class_topk(torch.rand(len(data.y), generator=g).to(data.y.device), data.y, delta, data.classes)
 
 
 def train_twice_split(method, erm_model, data, delta, seed):
     """SPEC section 3: validation split from the ERM model's margins on S (per class).
     Hard = lowest margins, Easy = highest, Random = uniform."""
     if method == "lrw-random":
-        g = torch.Generator().manual_seed(10_000 + seed)
-        scores = torch.rand(len(data.y), generator=g).to(data.y.device)
-    else:
-        pm = margins(predict(erm_model, data, data.x)[0], data.y)
-        scores = -pm if method == "lrw-hard" else pm
-    return per_class_topk(scores, data.y, delta, data.classes)
+        return random_split(data, delta, 10_000 + seed)
+    pm = margins(predict(erm_model, data, data.x)[0], data.y)
+    return per_class_topk(-pm if method == "lrw-hard" else pm, data.y, delta, data.classes)
 
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-# ----------------------------------------------------------------------------- training state, checkpoints
-
-
-class Run:
-    """Everything one (method, seed) training run owns; checkpointed every epoch."""
-
-    def __init__(self, args, method, seed, data, device):
-        torch.manual_seed(seed)
-        self.method, self.seed, self.device = method, seed, device
-        self.model = WideResNet(args.depth, args.width, data.classes, args.dropout).to(device)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.fwd = torch.compile(self.model) if args.compile else self.model  # never for meta steps
-        feats = self.model.features
-        self.meta = SampleNet(feats, data.classes, args.hidden).to(device)
-        self.splitter = SampleNet(feats, data.classes, args.hidden, p0=args.delta).to(device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
-                                   weight_decay=args.wd, nesterov=args.momentum > 0)
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(
-            self.opt, sorted({round(f * args.epochs) for f in args.milestones}), args.gamma)
-        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=args.meta_lr)
-        self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=args.split_lr)
-        self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
-        self.epoch = self.step = 0
-        self.elapsed = 0.0
-        self.log = []
-
-    STATE = ("model", "meta", "splitter", "opt", "sched", "opt_meta", "opt_split")
-
-    def save(self, path, cfg):
-        ckpt = {k: getattr(self, k).state_dict() for k in self.STATE}
-        ckpt.update(config=cfg, method=self.method, seed=self.seed, epoch=self.epoch, step=self.step,
-                    elapsed=self.elapsed, log=self.log, val_mask=self.val_mask.cpu(),
-                    rng=rng_state(self.device))
-        tmp = path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
-
-    def load(self, ckpt):
-        for k in self.STATE:
-            getattr(self, k).load_state_dict(ckpt[k])
-        self.epoch, self.step, self.elapsed, self.log = ckpt["epoch"], ckpt["step"], ckpt["elapsed"], ckpt["log"]
-        self.val_mask = ckpt["val_mask"].to(self.device)
-        torch.set_rng_state(ckpt["rng"][0])
-        if ckpt["rng"][1] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][1], self.device)
-
-
-def checkpoint_path(args, method, seed):
-    return os.path.join(args.out, f"{args.dataset}-{method}-seed{seed}.pt")
-
-
-def read_checkpoint(path, cfg):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("config") != cfg:
-        diff = sorted(k for k in set(cfg) | set(ckpt.get("config", {}))
-                      if cfg.get(k) != ckpt.get("config", {}).get(k))
-        raise DataError(f"{path} is from a different config (differs in: {', '.join(diff)}); "
-                        f"use another --out or the same flags")
-    return ckpt
-
-# ----------------------------------------------------------------------------- one epoch: LRW and MOLERE steps
-
-
-def train_epoch(run, data, args, max_steps=None):
-    """One pass over S_tr. Every step is a classifier step on mean_i w_i l_i (fused kernel);
-    every K-th step of LRW and MOLERE also updates phi, and for MOLERE Theta."""
-    model, dev, B = run.model, run.device, args.batch_size
-    lrw = run.method != "erm"
-    train_idx = (~run.val_mask).nonzero().squeeze(1)
-    val_idx = run.val_mask.nonzero().squeeze(1)
-    order = train_idx[torch.randperm(len(train_idx), device=dev)]
-    steps = len(order) // B if max_steps is None else max_steps
-    sums = torch.zeros(8, device=dev)  # loss, w mean, w sq, val loss, split fit/l_val/r_size/r_bal
-    n_meta = 0
-    model.train()
-    for s in range(steps):
-        idx = order[(s * B) % (len(order) - B + 1):][:B]
-        x, y = get_batch(data, idx, augment=True), data.y[idx]
-        meta_now = lrw and run.step % args.K == 0
-        rng = rng_state(dev) if meta_now else None
-        with autocast(dev):  # eager model at meta steps: its dropout masks replay exactly in the JVP
-            logits, h = (model if meta_now else run.fwd)(x)
-        h = h.detach()
-        w = torch.sigmoid(run.meta(h, y)).detach() if lrw else torch.ones(len(y), device=dev)
-        # classifier step: theta <- theta - beta3 grad_theta mean_i w_i l_i   (SPEC section 1)
-        loss = weighted_cross_entropy(logits, y, w)
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sums[:3] += torch.stack([loss.detach(), w.mean(), (w * w).mean()])
-        if meta_now:
-            # meta step on phi with the look-ahead at this batch; the classifier update below
-            # still uses the weights of phi before this step (one-step lag, README)
-            vi = val_idx[torch.randint(len(val_idx), (B,), device=dev)]
-            xv, yv = get_batch(data, vi, augment=True), data.y[vi]
-            alpha = run.opt.param_groups[0]["lr"]
-            with autocast(dev):
-                if args.meta_grad == "fast":
-                    grads = [p.grad for p in model.parameters()]
-                    loss_val, g_phi = meta_grad_fast(model, run.meta, x, y, h, grads, xv, yv, alpha, rng)
-                else:
-                    loss_val, g_phi = meta_grad_reference(model, run.meta, x, y, h, xv, yv, alpha, rng)
-            for p, g in zip(run.meta.parameters(), g_phi):
-                p.grad = g.float()
-            run.opt_meta.step()
-            sums[3] += loss_val.float()
-            n_meta += 1
-            if run.method == "molere":
-                sums[4:] += splitter_step(run, data, args)
-        run.opt.step()
-        run.step += 1
-    out = (sums / torch.tensor([steps] * 3 + [max(n_meta, 1)] * 5, device=dev)).tolist()
-    return dict(loss=out[0], w_mean=out[1], w_std=math.sqrt(max(out[2] - out[1] ** 2, 0.0)),
-                val_loss=out[3] if n_meta else None, steps=steps,
-                **({k: v for k, v in zip(("split_fit", "split_lval", "r_size", "r_bal"), out[4:])}
-                   if run.method == "molere" else {}))
-
-
-def splitter_step(run, data, args):
-    """One update of Theta on a batch drawn from all of S, scored like the split itself:
-    eval mode, no augmentation, so 'correct' and l_i are the classifier's clean verdicts."""
-    dev = run.device
-    idx = torch.randint(len(data.y), (args.batch_size,), device=dev)
-    y = data.y[idx]
-    logits, h = predict(run.fwd, data, data.x[idx], chunk=args.batch_size)
-    losses = F.cross_entropy(logits, y, reduction="none")
-    loss, parts = splitter_loss(run.splitter(h, y), logits.argmax(1) == y, losses, y, args.delta,
-                                data.classes, args.lambda_size, args.lambda_bal)
-    run.opt_split.zero_grad(set_to_none=True)
-    loss.backward()
-    run.opt_split.step()
-    return torch.stack(list(parts.values()))
-
-
-def molere_split(run, data, args):
-    """The hard split: per class, the delta-fraction of S with the highest P_Theta(val | x, y)."""
+def molere_split(run, data, cfg):
+    """SPEC section 2, the hard split: per class, the delta-fraction of S with the highest
+    P_Theta(val | x, y). Returns the new mask and what the log says about it."""
     logits, h = predict(run.fwd, data, data.x)
     with torch.no_grad():
-        p = torch.sigmoid(run.splitter(h, data.y))
-    return per_class_topk(p, data.y, args.delta, data.classes), logits
+        new = per_class_topk(torch.sigmoid(run.splitter(h, data.y)), data.y, cfg.delta, data.classes)
+    wrong = logits.argmax(1) != data.y
+    return new, dict(split_kept=float((new & run.val_mask).sum() / new.sum()),
+                     val_err=float(wrong[new].float().mean()), train_err=float(wrong[~new].float().mean()))
 
 # ----------------------------------------------------------------------------- one run: the MOLERE loop
 
 
-def train(args, cfg, method, seed, data, device, val_mask=None, resume=None):
-    """Train one (method, seed) to the end, checkpointing every epoch; returns its result line.
-    ERM: S_tr = S. Train-twice LRW: the fixed `val_mask`. MOLERE: random split for the warm-up
-    epochs, then every R epochs the splitter's hard split."""
-    path = checkpoint_path(args, method, seed)
-    run = Run(args, method, seed, data, device)
-    if (args.resume if resume is None else resume) and os.path.exists(path):
-        run.load(read_checkpoint(path, cfg))
-        print(f"[{method} seed {seed}] resumed from {path} at epoch {run.epoch}", flush=True)
-    elif method == "molere":
-        g = torch.Generator().manual_seed(20_000 + seed)
-        run.val_mask = per_class_topk(torch.rand(len(data.y), generator=g).to(device), data.y,
-                                      args.delta, data.classes)
-    elif val_mask is not None:
-        run.val_mask = val_mask
-    tag = f"[{method} seed {seed}]"
-    test_logits = None
-    while run.epoch < args.epochs:
-        t0 = time.time()
-        split = {}
-        if method == "molere" and run.epoch >= args.warmup_epochs and \
-                (run.epoch - args.warmup_epochs) % args.resplit_every == 0:
-            new_mask, logits = molere_split(run, data, args)
-            wrong = logits.argmax(1) != data.y
-            split = dict(split_kept=float((new_mask & run.val_mask).sum() / new_mask.sum()),
-                         val_err=float(wrong[new_mask].float().mean()),
-                         train_err=float(wrong[~new_mask].float().mean()))
-            run.val_mask = new_mask
-        lr = run.opt.param_groups[0]["lr"]
-        stats = train_epoch(run, data, args)
-        run.sched.step()
-        run.epoch += 1
-        entry = dict(epoch=run.epoch, lr=lr, **stats, **split)
-        last = run.epoch == args.epochs
-        if last or (args.eval_every and run.epoch % args.eval_every == 0):
-            test_logits, _ = predict(run.fwd, data, data.x_test)
-            entry["test_acc"] = accuracy(test_logits, data.y_test)
-        run.elapsed += time.time() - t0
-        entry["time_s"] = round(time.time() - t0, 2)
-        run.log.append(entry)
-        run.save(path, cfg)
-        print(progress_line(tag, entry, run, args), flush=True)
-        stop_after_epoch(args)
-    if test_logits is None:  # resumed from a checkpoint of the last epoch
-        test_logits, _ = predict(run.fwd, data, data.x_test)
-    return run, dict(
-        method=method, seed=seed, dataset=args.dataset, config_hash=config_hash(cfg), config=cfg,
-        test_acc=accuracy(test_logits, data.y_test),
-        test_margins=[round(m, 4) for m in margins(test_logits, data.y_test).tolist()],
-        val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
-        device=device_name(device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+def checkpoint_path(rt, cfg, method, seed):
+    return os.path.join(rt.out, f"{cfg.dataset}-{method}-seed{seed}.pt")
+
+
+def save_checkpoint(run, path, cfg):
+    ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
+    ckpt.update(config=cfg.as_dict(), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
+                elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=rng_state(run.device))
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+
+
+def read_checkpoint(path, cfg):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    theirs, ours = ckpt.get("config", {}), cfg.as_dict()
+    if theirs != ours:
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ConfigMismatch(f"{path} is from a different config (differs in: {', '.join(diff)}); "
+                             f"use another --out or the same flags")
+    return ckpt
+
+
+def restore(run, ckpt):
+    for k in Run.STATE:
+        getattr(run, k).load_state_dict(ckpt[k])
+    run.epoch, run.step, run.elapsed, run.log = ckpt["epoch"], ckpt["step"], ckpt["elapsed"], ckpt["log"]
+    run.val_mask = ckpt["val_mask"].to(run.device)
+    torch.set_rng_state(ckpt["rng"][0])
+    if ckpt["rng"][1] is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][1], run.device)
 
 
 class StopAfter(Exception):
     """--stop-after reached: the checkpoint is written; --resume continues."""
 
 
-def stop_after_epoch(args):
-    args.epochs_done_here = getattr(args, "epochs_done_here", 0) + 1
-    if args.stop_after and args.epochs_done_here >= args.stop_after:
-        raise StopAfter
+class EpochBudget:
+    """How many more epochs this invocation may train (--stop-after; None: no limit)."""
+
+    def __init__(self, epochs=None):
+        self.left = epochs or None
+
+    def spend(self):
+        if self.left is not None:
+            self.left -= 1
+            if self.left <= 0:
+                raise StopAfter
 
 
-def progress_line(tag, e, run, args):
-    eta = run.elapsed / run.epoch * (args.epochs - run.epoch)
-    parts = [f"{tag} epoch {e['epoch']}/{args.epochs}", f"lr {e['lr']:.4g}", f"loss {e['loss']:.3f}"]
-    if run.method != "erm":
+def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
+    """Train one (method, seed) to the end, checkpointing every epoch; returns the run and its
+    result. ERM: S_tr = S. Train-twice LRW: the fixed `val_mask`. MOLERE: a random split for
+    the warm-up epochs, then every R epochs the splitter's hard split."""
+    path = checkpoint_path(rt, cfg, method, seed)
+    run = Run(cfg, method, seed, data, rt.device, rt.compile)
+    tag = f"[{method} seed {seed}]"
+    if rt.resume and os.path.exists(path):
+        restore(run, read_checkpoint(path, cfg))
+        print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
+    elif method == "molere":
+        run.val_mask = random_split(data, cfg.delta, 20_000 + seed)
+    elif val_mask is not None:
+        run.val_mask = val_mask
+    test_logits = None
+    while run.epoch < cfg.epochs:
+        t0 = time.time()
+        split = {}
+        if method == "molere" and run.epoch >= cfg.warmup_epochs and \
+                (run.epoch - cfg.warmup_epochs) % cfg.resplit_every == 0:
+            run.val_mask, split = molere_split(run, data, cfg)
+        lr = run.opt.param_groups[0]["lr"]
+        stats = train_epoch(run, data, cfg)
+        run.sched.step()
+        run.epoch += 1
+        entry = dict(epoch=run.epoch, lr=lr, **stats, **split)
+        if run.epoch == cfg.epochs or (rt.eval_every and run.epoch % rt.eval_every == 0):
+            test_logits, _ = predict(run.fwd, data, data.x_test)
+            entry["test_acc"] = accuracy(test_logits, data.y_test)
+        run.elapsed += time.time() - t0
+        entry["time_s"] = round(time.time() - t0, 2)
+        run.log.append(entry)
+        save_checkpoint(run, path, cfg)
+        print(progress_line(tag, entry, run, cfg.epochs), flush=True)
+        if budget is not None:
+            budget.spend()
+    if test_logits is None:  # resumed from a checkpoint of the last epoch
+        test_logits, _ = predict(run.fwd, data, data.x_test)
+    return run, dict(
+        method=method, seed=seed, dataset=cfg.dataset, config_hash=cfg.hash(), config=cfg.as_dict(),
+        test_acc=accuracy(test_logits, data.y_test),
+        test_margins=[round(m, 4) for m in margins(test_logits, data.y_test).tolist()],
+        val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
+        device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def progress_line(tag, e, run, epochs):
+    eta = run.elapsed / run.epoch * (epochs - run.epoch)
+    parts = [f"{tag} epoch {e['epoch']}/{epochs}", f"lr {e['lr']:.4g}", f"loss {e['loss']:.3f}"]
+    if run.reweights:
         parts += [f"w {e['w_mean']:.2f}+-{e['w_std']:.2f}", f"val-loss {e['val_loss']:.3f}",
                   f"val n={int(run.val_mask.sum())}"]
     if "split_fit" in e:
-        parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_lval']:.3f} "
-                     f"R_size {e['r_size']:.4f} R_bal {e['r_bal']:.4f}")
+        parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_l_val']:.3f} "
+                     f"R_size {e['split_r_size']:.4f} R_bal {e['split_r_bal']:.4f}")
     if "val_err" in e:
         parts.append(f"new split: err val {e['val_err']:.1%} train {e['train_err']:.1%} "
                      f"kept {e['split_kept']:.0%}")
@@ -768,6 +797,11 @@ def read_results(path, cfg_hash=None):
         return []
     rows = [json.loads(line) for line in open(path) if line.strip()]
     return [r for r in rows if cfg_hash is None or r["config_hash"] == cfg_hash]
+
+
+def append_result(path, result):
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
 
 
 def mean_std(xs):
@@ -804,8 +838,8 @@ def report_table(rows, dataset):
         mu, sd = mean_std(accs)
         paired = paired_gains(by, m)
         if m != "erm" and paired:
-            pm, ps = mean_std(paired)
-            gain, pair = f"{mu - mean_std(list(erm.values()))[0]:+.2f}", f"{pm:+.2f} ± {ps:.2f} (n={len(paired)})"
+            gain_mean, gain_sd = mean_std(paired)
+            gain, pair = f"{mu - mean_std(list(erm.values()))[0]:+.2f}", f"{gain_mean:+.2f} ± {gain_sd:.2f} (n={len(paired)})"
         else:
             gain = pair = "—"
         paper = f"{PAPER_GAIN_CIFAR100[m]:+.2f}" if m in PAPER_GAIN_CIFAR100 else "—"
@@ -815,44 +849,120 @@ def report_table(rows, dataset):
 # ----------------------------------------------------------------------------- CLI
 
 
-def plan_of(args):
-    return list(METHODS) if args.method == "all" else [args.method]
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="MOLERE / LRW reproduction (CVPR 2024). Defaults: the paper's CIFAR-100 "
+                    "WRN-28-10 setting with the standard recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--method", default="all", help="erm | lrw-random | lrw-easy | lrw-hard | molere | all "
+      "(all: ERM once per seed, reused for the train-twice margins, then the rest)")
+    a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
+    a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
+    a("--no-download", action="store_true", help="never try to download missing CIFAR files")
+    for f in fields(Config):  # what defines a run's numbers: one flag per Config field
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            a(flag, type=float, nargs="+", default=list(f.default), help=f.metadata["help"])
+        else:
+            a(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--compile", action="store_true", help="torch.compile the classifier for its plain steps and evaluation")
+    a("--out", default="runs", help="folder for checkpoints and results.jsonl")
+    a("--resume", action="store_true", help="continue runs from their checkpoints, skip finished ones")
+    a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
+    a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--report", action="store_true", help="print the results table of this config from OUT and exit")
+    p.error = lambda msg: fail(msg)  # one clear line, not a usage dump
+    return p
 
 
-def check_before_training(args, cfg, data):
-    """Sizes and checkpoints are checked for the whole plan before the first step."""
+def fail(msg):
+    print(f"molere.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def plan_of(method):
+    return list(METHODS) if method == "all" else [method]
+
+
+def check_plan(cfg, rt, plan, seeds, data):
+    """What only the whole plan can tell: split sizes and existing checkpoints, before any step."""
     n = len(data.y)
-    val = int(per_class_topk(torch.zeros(n, device=data.y.device), data.y, args.delta, data.classes).sum())
-    needs_split = any(m != "erm" for m in plan_of(args))
-    smallest = min(val, n - val) if needs_split else n
-    if args.batch_size > smallest:
-        fail(f"--batch-size {args.batch_size} is larger than a split (train {n - val if needs_split else n}"
-             f"{f', validation {val}' if needs_split else ''} of {n} images): lower it or raise --delta")
-    for seed in args.seeds:
-        for m in plan_of(args):
-            path = checkpoint_path(args, m, seed)
+    val = int(per_class_topk(torch.zeros(n, device=data.y.device), data.y, cfg.delta, data.classes).sum())
+    needs_split = any(m != "erm" for m in plan)
+    if cfg.batch_size > (min(val, n - val) if needs_split else n):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than a split (train {n - val if needs_split else n}"
+                          f"{f', validation {val}' if needs_split else ''} of {n} images): lower it or raise --delta")
+    for seed in seeds:
+        for m in plan:
+            path = checkpoint_path(rt, cfg, m, seed)
             if os.path.exists(path):
-                if not args.resume:
-                    fail(f"{path} exists: pass --resume to continue it, or use another --out")
+                if not rt.resume:
+                    raise UserError(f"{path} exists: pass --resume to continue it, or use another --out")
                 read_checkpoint(path, cfg)
 
 
-def finished_erm(args, cfg, seed, data, device):
+def finished_erm(cfg, rt, seed, data, budget):
     """The ERM model of this config and seed, for the train-twice margins (trained if needed)."""
-    path = checkpoint_path(args, "erm", seed)
+    path = checkpoint_path(rt, cfg, "erm", seed)
     if os.path.exists(path):
         ckpt = read_checkpoint(path, cfg)
-        if ckpt["epoch"] == args.epochs:
-            run = Run(args, "erm", seed, data, device)
+        if ckpt["epoch"] == cfg.epochs:
+            run = Run(cfg, "erm", seed, data, rt.device)
             run.model.load_state_dict(ckpt["model"])
             return run.model, None
-    run, result = train(args, cfg, "erm", seed, data, device, resume=True)  # continue a partial one
+    run, result = train(cfg, replace(rt, resume=True), "erm", seed, data, budget=budget)  # continue a partial one
     return run.model, result
+
+
+def run_plan(cfg, rt, plan, seeds, data, budget):
+    """Every (method, seed) of the plan, finished runs skipped; ERM reused for the margins."""
+    results_path = os.path.join(rt.out, "results.jsonl")
+    done = {(r["method"], r["seed"]) for r in read_results(results_path, cfg.hash())} if rt.resume else set()
+    for seed in seeds:
+        erm_model = None
+        for method in plan:
+            if (method, seed) in done:
+                print(f"[{method} seed {seed}] finished earlier, result in {results_path}")
+                continue
+            val_mask = None
+            if method in ("lrw-easy", "lrw-hard"):
+                if erm_model is None:
+                    erm_model, result = finished_erm(cfg, rt, seed, data, budget)
+                    if result is not None and ("erm", seed) not in done:
+                        append_result(results_path, result)
+                        done.add(("erm", seed))
+                val_mask = train_twice_split(method, erm_model, data, cfg.delta, seed)
+            elif method == "lrw-random":
+                val_mask = train_twice_split(method, None, data, cfg.delta, seed)
+            run, result = train(cfg, rt, method, seed, data, val_mask, budget)
+            if method == "erm":
+                erm_model = run.model
+            append_result(results_path, result)
+            done.add((method, seed))
+            print(f"[{method} seed {seed}] test accuracy {result['test_acc']:.2f}% "
+                  f"({result['wall_time_s']:.0f}s)", flush=True)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_args(args)
+    try:
+        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+        if args.method not in METHODS + ("all",):
+            raise ConfigError(f"unknown --method {args.method!r}: choose from {', '.join(METHODS + ('all',))}")
+        if min(args.seeds) < 0:
+            raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
+        if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+        if args.method in ("molere", "all") and cfg.warmup_epochs >= cfg.epochs:
+            raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves MOLERE no epoch on the splitter's "
+                              f"split (--epochs {cfg.epochs}): lower it")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device} asked for, but torch sees no CUDA device")
+    except UserError as e:
+        fail(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else
@@ -860,58 +970,30 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cfg = run_config(args)
-    results_path = os.path.join(args.out, "results.jsonl")
+    rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
+    results_path = os.path.join(rt.out, "results.jsonl")
     if args.report:
-        print(report_table(read_results(results_path, config_hash(cfg)), args.dataset))
+        print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
         return
+    plan = plan_of(args.method)
     try:
-        data = load_data(args, device)
-        check_before_training(args, cfg, data)
-    except DataError as e:
+        data = load_data(cfg, device, args.data_root, not args.no_download)
+        check_plan(cfg, rt, plan, args.seeds, data)
+        os.makedirs(rt.out, exist_ok=True)
+        print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
+              f"WRN-{cfg.depth}-{cfg.width} on {device_name(device)}; config {cfg.hash()}; "
+              f"results -> {results_path}", flush=True)
+        run_plan(cfg, rt, plan, args.seeds, data, EpochBudget(args.stop_after))
+    except UserError as e:
         fail(str(e))
-    os.makedirs(args.out, exist_ok=True)
-    print(f"{args.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
-          f"WRN-{args.depth}-{args.width} on {device_name(device)}; config {config_hash(cfg)}; "
-          f"results -> {results_path}", flush=True)
-    done = {(r["method"], r["seed"]) for r in read_results(results_path, config_hash(cfg))} if args.resume else set()
-    try:
-        for seed in args.seeds:
-            erm_model = None
-            for method in plan_of(args):
-                if (method, seed) in done:
-                    print(f"[{method} seed {seed}] finished earlier, result in {results_path}")
-                    continue
-                val_mask = None
-                if method in ("lrw-easy", "lrw-hard"):
-                    if erm_model is None:
-                        erm_model, result = finished_erm(args, cfg, seed, data, device)
-                        if result is not None and ("erm", seed) not in done:
-                            append_result(results_path, result)
-                            done.add(("erm", seed))
-                    val_mask = train_twice_split(method, erm_model, data, args.delta, seed)
-                elif method == "lrw-random":
-                    val_mask = train_twice_split(method, None, data, args.delta, seed)
-                run, result = train(args, cfg, method, seed, data, device, val_mask)
-                if method == "erm":
-                    erm_model = run.model
-                append_result(results_path, result)
-                done.add((method, seed))
-                print(f"[{method} seed {seed}] test accuracy {result['test_acc']:.2f}% "
-                      f"({result['wall_time_s']:.0f}s)", flush=True)
     except StopAfter:
         print(f"stopped after {args.stop_after} epoch(s) (--stop-after); continue with --resume", flush=True)
         return
     except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished epoch is checkpointed in {args.out}; "
+        print(f"\ninterrupted: every finished epoch is checkpointed in {rt.out}; "
               f"rerun the same command with --resume to continue", file=sys.stderr)
         sys.exit(130)
-    print(report_table(read_results(results_path, config_hash(cfg)), args.dataset))
-
-
-def append_result(path, result):
-    with open(path, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
 
 
 if __name__ == "__main__":

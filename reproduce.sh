@@ -55,12 +55,12 @@ case "$cmd" in
   cifar10-cpu)
     root=${DATA_ROOT:-../shared/data}
     "$PY" molere.py --data-root "$root" "${CIFAR10_CPU[@]}" "$@"
-    "$PY" analyze.py results/cifar10-cpu/results.jsonl --figures . ;;
+    "$PY" -m tools.analyze results/cifar10-cpu/results.jsonl --figures results/cifar10-cpu ;;
   bench)
-    "$PY" kernels/bench.py
-    exec "$PY" bench.py "$@" ;;
+    "$PY" -m tools.kernel_bench
+    exec "$PY" -m tools.bench "$@" ;;
   gpu-check)
-    exec bash gpu_check.sh ;;
+    exec bash tools/gpu_check.sh ;;
   *)
     echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar10-cpu, bench, gpu-check)" >&2
     exit 2 ;;

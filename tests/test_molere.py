@@ -148,8 +148,7 @@ def test_hard_split_is_exact_balanced_and_never_empty(delta):
 
 def test_train_twice_hard_holds_lowest_margins_easy_highest():
     fresh_seed()
-    args = molere.build_parser().parse_args(["--dataset", "synthetic", "--train-subset", "300"])
-    data = molere.load_data(args, torch.device("cpu"))
+    data = molere.load_data(molere.Config(dataset="synthetic", train_subset=300), torch.device("cpu"))
     model = molere.WideResNet(10, 1, data.classes, 0.0)
     with torch.no_grad():
         model.fc.weight.mul_(20)  # spread the margins
@@ -293,6 +292,13 @@ BAD = [
     (["--K", "two"], "invalid int value"),
     (["--depth", "12"], "--depth must be 6n+4"),
     (["--batch-size", "1000"], "larger than a split"),
+    (["--gamma", "-1"], "--gamma in (0, 1]"),
+    (["--milestones", "0.5", "2"], "--milestones are fractions of --epochs, each in (0, 1]"),
+    (["--meta-lr", "inf"], "--meta-lr must be a finite positive number"),
+    (["--lr", "nan"], "--lr must be a finite positive number"),
+    (["--lambda-size", "-1"], "--lambda-size and --lambda-bal must be finite and non-negative"),
+    (["--hidden", "0"], "--hidden must be at least 1"),
+    (["--seeds", "0", "-1"], "--seeds must be non-negative"),
 ]
 
 
@@ -304,6 +310,15 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, msg):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, err
     assert not os.listdir(tmp_path)  # nothing trained
+
+
+def test_config_refuses_bad_values_when_built_in_python():
+    with pytest.raises(molere.ConfigError, match="--delta"):
+        molere.Config(delta=0.7)
+    cfg = molere.Config(milestones=[0.5, 0.75])
+    assert cfg.milestones == (0.5, 0.75) and cfg.hash() == molere.Config(milestones=(0.5, 0.75)).hash()
+    with pytest.raises(Exception):  # frozen: what defines a run cannot change under it
+        cfg.lr = 1.0
 
 
 def test_missing_and_corrupt_data_one_line_exit_2(tmp_path, capsys):
@@ -347,3 +362,90 @@ def test_cli_help_and_exit_code_in_a_real_process():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "molere.py: error: unknown --method 'nope': choose from erm, lrw-random, lrw-easy, lrw-hard, molere, all"]
+
+
+def test_meta_grad_on_a_torchvision_resnet18():
+    """The portable pieces (SPEC section 7) on a classifier that is not ours: a torchvision
+    ResNet-18 with its fc replaced, returning plain logits, features from its own avgpool."""
+    import torchvision
+    fresh_seed()
+    classes, n, alpha = 6, 6, 0.05
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Linear(model.fc.in_features, classes)
+    model.double()
+    feats = {}
+    model.avgpool.register_forward_hook(lambda mod, inp, out: feats.__setitem__("h", out.flatten(1)))
+    meta = molere.SampleNet(model.fc.in_features, classes, 7).double()
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x, xv = torch.randn(n, 3, 16, 16, dtype=torch.float64), torch.randn(n, 3, 16, 16, dtype=torch.float64)
+    y, yv = torch.randint(0, classes, (n,)), torch.randint(0, classes, (n,))
+    rng = molere.rng_state(torch.device("cpu"))
+    with molere.replay_rng(rng, x.device):  # the classifier step of any training loop
+        logits = model(x)
+    h = feats["h"].detach()
+    w = torch.sigmoid(meta(h, y)).detach()
+    grads = torch.autograd.grad(weighted_cross_entropy(logits, y, w), list(model.parameters()))
+    fast_val, fast = molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng)
+    ref_val, ref = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)
+    assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
+    assert sum(g.abs().sum() for g in ref) > 1e-10
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, rtol=1e-7, atol=1e-12)
+
+
+def small_run(method, seed, **overrides):
+    cfg = molere.Config(**{**dict(dataset="synthetic", train_subset=400, depth=10, width=1, dropout=0.0,
+                                  batch_size=40, epochs=4, hidden=16, warmup_epochs=1, resplit_every=1),
+                           **overrides})
+    data = molere.load_data(cfg, torch.device("cpu"))
+    return cfg, data, molere.Run(cfg, method, seed, data, torch.device("cpu"))
+
+
+def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
+    """Through the real training loop: a meta-network that gives class 3 weight 0 (and is never
+    updated) must leave class 3 unlearnt while the other classes are learnt. A loop that ignored
+    the weights (the public course reproduction's bug) would learn class 3 like the rest."""
+    seed = fresh_seed()
+    cfg, data, run = small_run("lrw-random", seed)
+    run.val_mask = molere.train_twice_split("lrw-random", None, data, cfg.delta, seed)
+    with torch.no_grad():  # logit -1e4 for class 3 whatever h is (sigmoid = 0), 0 for the others
+        first, last = run.meta.net[0], run.meta.net[2]
+        first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
+        first.weight[0, run.model.features + 3] = 1.0
+        last.weight[0, 0] = -1e4
+    run.opt_meta = torch.optim.SGD(run.meta.parameters(), lr=0.0)  # the meta step runs, changes nothing
+    for _ in range(cfg.epochs):
+        molere.train_epoch(run, data, cfg)
+    pred = molere.predict(run.model, data, data.x)[0].argmax(1)
+    recall = torch.stack([(pred[data.y == c] == c).float().mean() for c in range(data.classes)])
+    others = torch.cat([recall[:3], recall[4:]])
+    assert recall[3] < 0.02 and others.mean() > 0.5, recall
+
+
+@pytest.mark.parametrize("method", ["lrw-random", "lrw-easy", "lrw-hard", "molere"])
+def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatch, method):
+    seed = fresh_seed()
+    cfg, data, _ = small_run(method, seed, epochs=3)
+    seen = []
+    real_step = molere.classifier_step
+
+    def recording_step(run, data, cfg, idx, stats, meta_next=False):
+        seen.append((run.epoch, idx.clone(), run.val_mask.clone()))
+        return real_step(run, data, cfg, idx, stats, meta_next)
+
+    monkeypatch.setattr(molere, "classifier_step", recording_step)
+    erm = molere.WideResNet(10, 1, data.classes, 0.0)  # any model gives margins for the split
+    val_mask = None if method == "molere" else molere.train_twice_split(method, erm, data, cfg.delta, seed)
+    molere.train(cfg, molere.Runtime(out=str(tmp_path), eval_every=0), method, seed, data, val_mask)
+    assert len(seen) == cfg.epochs * 9  # 360 training images, batch 40
+    for epoch in range(cfg.epochs):
+        rows = [(idx, mask) for e, idx, mask in seen if e == epoch]
+        drawn = torch.cat([idx for idx, _ in rows])
+        mask = rows[0][1]
+        assert int(mask.sum()) == 40 and all(torch.equal(m, mask) for _, m in rows)
+        assert not mask[drawn].any(), f"epoch {epoch}: a validation image in a classifier batch"
+        assert len(drawn.unique()) == len(drawn) == int((~mask).sum())  # S_tr exactly once
+    if method == "molere":  # the splitter's re-splits changed S_val during the run
+        assert not torch.equal(seen[0][2], seen[-1][2])

@@ -1,6 +1,6 @@
 """Tables and figures from a results.jsonl written by molere.py (RESULTS.md is made from these).
 
-    python analyze.py results/cifar10-cpu/results.jsonl [--figures DIR]
+    python -m tools.analyze results/cifar10-cpu/results.jsonl [--figures DIR]
 
 Prints, for the newest config in the file: (a) accuracy and gain over ERM with the per-seed
 paired spread, the paper's CIFAR-100 gain beside it; (b) the margin analysis of SPEC section 4:

@@ -3,16 +3,16 @@
 # environment, kernel benchmark, WRN-28-10 ERM vs MOLERE step throughput at batch 128
 # (bf16 autocast, channels_last), and 200 MOLERE steps checked for NaN. One table last.
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 log=$(mktemp)
 echo "== environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log" | sed 's/^/gpu: /'
 "$PY" -c "import torch, triton; print(f'SUMMARY versions: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.version.cuda}')" | tee -a "$log"
 echo "== kernel benchmark"
-timeout 180 "$PY" kernels/bench.py 2>&1 | tee -a "$log"
+timeout 180 "$PY" -m tools.kernel_bench 2>&1 | tee -a "$log"
 echo "== WRN-28-10 step throughput, batch 128, bf16, channels_last; 200 MOLERE steps NaN check"
-timeout 240 "$PY" bench.py --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --repeats 2 --device cuda \
+timeout 240 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --repeats 2 --device cuda \
   --check-nan 200 2>&1 | tee -a "$log"
 echo
 echo "| check | result |"

@@ -1,6 +1,6 @@
 """Fused weighted cross-entropy versus eager PyTorch and torch.compile, forward + backward.
 
-    python kernels/bench.py          # GPU: timings, GB/s and correctness; CPU: correctness only
+    python -m tools.kernel_bench     # GPU: timings, GB/s and correctness; CPU: correctness only
 
 Per shape and dtype: max error against a float64 reference (loss and logits gradient),
 median times from triton.testing.do_bench, and the fused kernel's achieved bandwidth,
@@ -9,7 +9,6 @@ measured device-to-device copy of the same number of bytes. On a machine without
 the kernel runs in the Triton interpreter on the first rows of each shape; timing needs a GPU.
 """
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by kernels
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import weighted_cross_entropy  # noqa: E402
 
 SHAPES = [(128, 100), (1024, 100), (4096, 1000), (8192, 32000)]

@@ -1,0 +1,130 @@
+"""Step throughput of ERM versus MOLERE (same model, data and batch): images/s and the ratio.
+
+    python -m tools.bench                    # CPU: WRN-10-2, batch 64, synthetic CIFAR-shaped data
+    python -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 50 --device cuda   # the paper's model
+
+Both methods run molere.py's own `train_steps` (classifier step, meta step, splitter step)
+for --warmup untimed steps, then --steps timed ones (a multiple of K, so MOLERE's share of
+meta and splitter steps is exact), in --repeats alternating rounds; the median round counts.
+Split refreshes and evaluation are outside the timed region: they cost one eval pass over S
+every R epochs, which this measures nowhere. With --check-nan N it also runs N MOLERE steps
+and checks that the classifier, meta-network and splitter parameters stay finite.
+The last line printed is `molere/erm time ratio: X.XX`.
+"""
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+import molere
+
+
+def batches(run, cfg, n):
+    """n training batches: consecutive epochs of molere.epoch_batches, as training draws them."""
+    out = []
+    while sum(len(b) for b in out) < n:
+        out.append(molere.epoch_batches(run, cfg))
+    return torch.cat(out)[:n]
+
+
+def timed_steps(method, cfg, rt, data, steps, warmup):
+    run = molere.Run(cfg, method, 0, data, rt.device, rt.compile)
+    if method != "erm":
+        run.val_mask = molere.random_split(data, cfg.delta, 0)
+    todo = batches(run, cfg, warmup + steps)
+    if warmup:
+        molere.train_steps(run, data, cfg, todo[:warmup])
+    sync(rt.device)
+    t = time.perf_counter()
+    molere.train_steps(run, data, cfg, todo[warmup:])
+    sync(rt.device)
+    return time.perf_counter() - t, run
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_meta_step(cfg, rt, data, repeats=5):
+    """Milliseconds of each part of one MOLERE step, on one training batch, through the same
+    functions, autocast and memory format as training."""
+    run = molere.Run(cfg, "molere", 0, data, rt.device, rt.compile)
+    run.val_mask = molere.random_split(data, cfg.delta, 0)
+    idx, val_idx = batches(run, cfg, 1)[0], run.val_mask.nonzero().squeeze(1)
+    stats = defaultdict(list)
+    x, y, h, rng = molere.classifier_step(run, data, cfg, idx, stats, meta_next=True)
+    grads = [p.grad.clone() for p in run.model.parameters()]
+
+    def lookahead():
+        with molere.autocast(rt.device):
+            molere.lookahead_val_grad(run.model, grads, cfg.lr, x, y)
+
+    def meta():
+        for p, g in zip(run.model.parameters(), grads):
+            p.grad = g
+        molere.meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
+
+    parts = {
+        "classifier step (forward + backward)": lambda: molere.classifier_step(run, data, cfg, idx, stats),
+        "look-ahead validation forward + backward": lookahead,
+        "whole meta step (look-ahead + JVP + dw/dphi + Adam)": meta,
+        "splitter step": lambda: molere.splitter_step(run, data, cfg, stats),
+    }
+    print("| part of a MOLERE step | ms |\n|---|---|")
+    for name, fn in parts.items():
+        fn()
+        sync(rt.device)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(rt.device)
+        print(f"| {name} | {(time.perf_counter() - t) / repeats * 1000:.1f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=10)
+    p.add_argument("--width", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per method (rounded up to a multiple of K)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per method; the median counts")
+    p.add_argument("--K", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--check-nan", type=int, default=0, help="also run this many MOLERE steps and check for NaN")
+    p.add_argument("--profile", action="store_true", help="also time the parts of one meta step")
+    b = p.parse_args()
+    cfg = molere.Config(dataset="synthetic", depth=b.depth, width=b.width, batch_size=b.batch_size, K=b.K)
+    device = torch.device(b.device if b.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rt = molere.Runtime(device, compile=b.compile)
+    data = molere.load_data(cfg, device)
+    steps = -(-b.steps // b.K) * b.K
+    print(f"WRN-{b.depth}-{b.width}, batch {b.batch_size}, K={b.K}, {steps} timed steps, "
+          f"{molere.device_name(device)}, torch {torch.__version__}")
+    times = {"erm": [], "molere": []}
+    for _ in range(b.repeats):  # alternate the two, so drifts of the machine hit both alike
+        for method in times:
+            times[method].append(timed_steps(method, cfg, rt, data, steps, b.warmup)[0])
+    rows = {m: statistics.median(t) for m, t in times.items()}
+    print(f"| method | s/step (median of {b.repeats}) | images/s | all rounds (s/step) |\n|---|---|---|---|")
+    for m, secs in rows.items():
+        print(f"| {m} | {secs / steps:.4f} | {steps * b.batch_size / secs:.1f} | "
+              f"{', '.join(f'{t / steps:.4f}' for t in times[m])} |")
+    if b.check_nan:
+        _, run = timed_steps("molere", cfg, rt, data, b.check_nan, 0)
+        finite = all(torch.isfinite(p).all() for net in (run.model, run.meta, run.splitter)
+                     for p in net.parameters())
+        print(f"{b.check_nan} MOLERE steps: parameters finite: {'yes' if finite else 'NO'}")
+    if b.profile:
+        profile_meta_step(cfg, rt, data)
+    print(f"molere/erm time ratio: {rows['molere'] / rows['erm']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
