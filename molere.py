@@ -42,7 +42,8 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # n
 
 # ----------------------------------------------------------------------------- config
 
-METHODS = ("erm", "lrw-random", "lrw-easy", "lrw-hard", "molere")
+METHODS = ("erm", "erm-tr", "lrw-random", "lrw-easy", "lrw-hard", "molere")
+CONTROLS = {"erm-tr": "ERM on S_tr of LRW-Random's split: the price of holding delta of S out (SPEC section 4)"}
 DATASETS = ("synthetic", "cifar10", "cifar100")
 # The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 6).
 # Printed beside our numbers, labelled as the paper's; never used as a result.
@@ -91,6 +92,7 @@ class Config:
     delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
     K: int = knob(5, "meta-network and splitter update every K classifier steps")
     meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
+    weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net) | none (the paper's literal sum)")
     meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
     hidden: int = knob(100, "hidden units of the meta-network and the splitter")
@@ -98,6 +100,9 @@ class Config:
     resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
     lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
     lambda_bal: float = knob(1.0, "weight of the splitter's label-balance regularizer")
+    splitter_data: str = knob("val", "val (CE and -l_val on a batch of the current S_val, as the paper's update) | "
+                                     "all (on a batch of S, the first study's reading)")
+    augment: bool = knob(True, "random crop and flip for training and validation batches")
 
     def __post_init__(self):
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
@@ -113,8 +118,10 @@ class Config:
             return f"--delta must be in (0, 0.5], got {self.delta}"
         if self.K < 1:
             return f"--K must be at least 1, got {self.K}"
-        if self.meta_grad not in ("fast", "reference"):
-            return f"--meta-grad must be fast or reference, got {self.meta_grad!r}"
+        for name, allowed in (("meta_grad", ("fast", "reference")), ("weight_norm", ("batch", "none")),
+                              ("splitter_data", ("val", "all"))):
+            if getattr(self, name) not in allowed:
+                return f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, got {getattr(self, name)!r}"
         if self.depth < 10 or (self.depth - 4) % 6:
             return f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}"
         for name in ("width", "epochs", "batch_size", "resplit_every", "hidden"):
@@ -411,18 +418,21 @@ def kl(p, q, eps=1e-12):
     return (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(eps))).sum(-1)
 
 
-def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda_bal):
-    """SPEC section 2, on one batch of the pool with soft membership p_i = P_Theta(val | x_i, y_i):
-         CE(P_Theta(train | x, y), 1[y_hat = y])   wrong -> val, right -> train
-       - l_val,  l_val = sum_i p_i l_i / sum_i p_i  the splitter ascends the validation loss
-       + lambda_size * KL([delta, 1-delta] || [mean p, 1 - mean p])
-       + lambda_bal  * (KL(P(y) || P(y | val)) + KL(P(y) || P(y | train)))
-    The label distributions run over ALL `classes` (one-hot, vectorised): classes absent from
-    the batch have P(y) = 0 and add 0, instead of the NaN of counting only present labels.
-    P(y) is the batch's label distribution."""
+def splitter_game_terms(logit, correct, losses):
+    """The two terms of the min-max game, with soft membership p_i = P_Theta(val | x_i, y_i):
+         fit   = CE(P_Theta(train | x, y), 1[y_hat = y])   wrong -> val, right -> train
+         l_val = sum_i p_i l_i / sum_i p_i                  the validation loss the splitter ascends"""
     p = torch.sigmoid(logit)
     fit = F.binary_cross_entropy_with_logits(-logit, correct.float())  # logit of P(train) = -logit
-    l_val = (p * losses).sum() / p.sum()
+    return fit, (p * losses).sum() / p.sum()
+
+
+def splitter_regularizers(logit, y, delta, classes):
+    """R_size = KL([delta, 1-delta] || [mean p, 1 - mean p]) and
+    R_bal = KL(P(y) || P(y | val)) + KL(P(y) || P(y | train)), P(y) the batch's label distribution.
+    The label distributions run over ALL `classes` (one-hot, vectorised): classes absent from
+    the batch have P(y) = 0 and add 0, instead of the NaN of counting only present labels."""
+    p = torch.sigmoid(logit)
     mean_p = p.mean()
     r_size = kl(torch.stack([torch.tensor(delta, device=p.device), torch.tensor(1 - delta, device=p.device)]),
                 torch.stack([mean_p, 1 - mean_p]))
@@ -430,7 +440,14 @@ def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda
     prior = onehot.mean(0)
     in_val = (p[:, None] * onehot).sum(0) / p.sum()
     in_train = ((1 - p)[:, None] * onehot).sum(0) / (1 - p).sum()
-    r_bal = kl(prior, in_val) + kl(prior, in_train)
+    return r_size, kl(prior, in_val) + kl(prior, in_train)
+
+
+def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda_bal):
+    """SPEC section 2, all four terms on one batch:
+       fit - l_val + lambda_size * R_size + lambda_bal * R_bal   (see the two functions above)"""
+    fit, l_val = splitter_game_terms(logit, correct, losses)
+    r_size, r_bal = splitter_regularizers(logit, y, delta, classes)
     loss = fit - l_val + lambda_size * r_size + lambda_bal * r_bal
     return loss, dict(fit=fit.detach(), l_val=l_val.detach(), r_size=r_size.detach(), r_bal=r_bal.detach())
 
@@ -487,9 +504,17 @@ def lookahead_val_grad(model, grads, alpha, xv, yv):
     return loss_val.detach(), torch.autograd.grad(loss_val, list(theta1.values()))
 
 
-def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng):
+def instance_weights(meta, h, y, weight_norm="none"):
+    """w_i = g_phi(x_i, y_i) = sigmoid(logit) in (0, 1); with weight_norm "batch" (SPEC section 1)
+    w~_i = w_i / mean_j w_j, differentiable in phi through the batch mean, so the classifier step
+    and the look-ahead use the same w~ and the meta-gradient stays exact."""
+    w = torch.sigmoid(meta(h, y))
+    return w / w.mean() if weight_norm == "batch" else w
+
+
+def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm="none"):
     """Exact dL_val(theta'(phi))/dphi with no double backward (SPEC section 1, fast path):
-         dL_val/dphi = -(alpha / B) sum_i a_i dw_i/dphi,   a_i = <grad_theta l_i(theta), v>,
+         dL_val/dphi = -(alpha / B) sum_i a_i dw~_i/dphi,   a_i = <grad_theta l_i(theta), v>,
     v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
     loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
     Valid because w = g_phi(h.detach(), y) does not depend on theta in the graph.
@@ -498,17 +523,17 @@ def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng):
     params = {n: p.detach() for n, p in model.named_parameters()}
     with replay_rng(rng, x.device):
         _, a = jvp(lambda p: per_sample_losses(model, p, x, y), (params,), (dict(zip(params, v)),))
-    w = torch.sigmoid(meta(h, y))
+    w = instance_weights(meta, h, y, weight_norm)
     return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=(-alpha * a / len(y)).to(w.dtype))
 
 
-def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng):
+def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm="none"):
     """The same meta-gradient the direct way: functional_call + create_graph=True, then
     backpropagate L_val(theta - alpha * grad_theta mean_i g_phi(x_i, y_i) l_i(theta)) to phi."""
     params = dict(model.named_parameters())
     with replay_rng(rng, x.device):
         losses = per_sample_losses(model, params, x, y)
-    inner = (torch.sigmoid(meta(h, y)) * losses).mean()
+    inner = (instance_weights(meta, h, y, weight_norm) * losses).mean()
     grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
     theta1 = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
     loss_val = per_sample_losses(model, theta1, xv, yv).mean()
@@ -544,27 +569,34 @@ class Run:
 
     @property
     def reweights(self):
-        return self.method != "erm"
+        return self.method not in ("erm", "erm-tr")
 
 
 def classifier_step(run, data, cfg, idx, stats, meta_next=False):
-    """SPEC section 1, inner level: G = grad_theta mean_i w_i l_i on the batch S_tr[idx], with
-    w_i = g_phi(x_i, y_i) detached (ERM: w_i = 1), through the fused kernel; G is left in
+    """SPEC section 1, inner level: G = grad_theta mean_i w~_i l_i on the batch S_tr[idx], with
+    w~_i from g_phi(x_i, y_i) detached (ERM: w~_i = 1), through the fused kernel; G is left in
     p.grad. The optimizer applies it after the meta step, which needs theta and G as they are.
     With `meta_next` the eager model runs and the RNG state is kept, so the meta step's JVP
     replays this forward's dropout masks exactly. Returns the batch and what the meta step needs."""
-    x, y = get_batch(data, idx, augment=True), data.y[idx]
+    x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
     rng = rng_state(run.device) if meta_next else None
     with autocast(run.device):
         logits, h = (run.model if meta_next else run.fwd)(x)
     h = h.detach()
-    w = torch.sigmoid(run.meta(h, y)).detach() if run.reweights else torch.ones(len(y), device=run.device)
-    loss = weighted_cross_entropy(logits, y, w)
+    if not run.reweights:
+        w = torch.ones(len(y), device=run.device)
+    else:
+        with torch.no_grad():
+            w = instance_weights(run.meta, h, y)
+    w_tilde = w / w.mean() if cfg.weight_norm == "batch" else w
+    loss, losses = weighted_cross_entropy(logits, y, w_tilde, return_losses=True)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
-    stats["loss"].append(loss.detach())
-    stats["w_mean"].append(w.mean())
-    stats["w_sq"].append((w * w).mean())
+    stats["loss"].append(losses.mean())  # unweighted, comparable across methods
+    if run.reweights:  # does the meta-level do anything: scale, spread, and which samples it favours
+        stats["w_mean"].append(w.mean())
+        stats["w_spread"].append(w.std() / w.mean())  # std/mean of w, the same for w~
+        stats["w_loss_corr"].append(torch.corrcoef(torch.stack([w, losses]))[0, 1])
     return x, y, h, rng
 
 
@@ -573,35 +605,43 @@ def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
     look-ahead theta' at this training batch and L_val on a batch drawn from S_val.
     The classifier update of this step still uses phi from before (one-step lag, README)."""
     vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)]
-    xv, yv = get_batch(data, vi, augment=True), data.y[vi]
+    xv, yv = get_batch(data, vi, augment=cfg.augment), data.y[vi]
     alpha = run.opt.param_groups[0]["lr"]
     with autocast(run.device):
         if cfg.meta_grad == "fast":
             grads = [p.grad for p in run.model.parameters()]
-            loss_val, meta_grads = meta_grad_fast(run.model, run.meta, x, y, h, grads, xv, yv, alpha, rng)
+            loss_val, meta_grads = meta_grad_fast(run.model, run.meta, x, y, h, grads, xv, yv, alpha, rng,
+                                                  cfg.weight_norm)
         else:
-            loss_val, meta_grads = meta_grad_reference(run.model, run.meta, x, y, h, xv, yv, alpha, rng)
+            loss_val, meta_grads = meta_grad_reference(run.model, run.meta, x, y, h, xv, yv, alpha, rng,
+                                                       cfg.weight_norm)
     for p, g in zip(run.meta.parameters(), meta_grads):
         p.grad = g.float()
     run.opt_meta.step()
     stats["val_loss"].append(loss_val.float())
 
 
-def splitter_step(run, data, cfg, stats):
-    """SPEC section 2: one update of Theta on a batch drawn from all of S, scored like the
-    split itself: eval mode, no augmentation, so 'correct' and l_i are the classifier's
-    clean verdicts."""
-    idx = torch.randint(len(data.y), (cfg.batch_size,), device=run.device)
+def splitter_step(run, data, cfg, stats, val_idx):
+    """SPEC section 2: one update of Theta, scored like the split itself (eval mode, no
+    augmentation, so 'correct' and l_i are the classifier's clean verdicts), in ONE forward:
+      CE(P_Theta(train), 1[y_hat = y]) - l_val    on a batch of the current S_val (the paper's
+                                                  update; --splitter-data all: on the pool batch)
+      lambda_size R_size + lambda_bal R_bal        on a batch drawn from all of S"""
+    B = cfg.batch_size
+    pool = torch.randint(len(data.y), (B,), device=run.device)
+    idx = pool if cfg.splitter_data == "all" else torch.cat([val_idx[torch.randint(len(val_idx), (B,), device=run.device)], pool])
     y = data.y[idx]
-    logits, h = predict(run.fwd, data, data.x[idx], chunk=cfg.batch_size)
-    losses = F.cross_entropy(logits, y, reduction="none")
-    loss, parts = splitter_loss(run.splitter(h, y), logits.argmax(1) == y, losses, y, cfg.delta,
-                                data.classes, cfg.lambda_size, cfg.lambda_bal)
+    logits, h = predict(run.fwd, data, data.x[idx], chunk=len(idx))
+    logit = run.splitter(h, y)
+    fit, l_val = splitter_game_terms(logit[:B], logits[:B].argmax(1) == y[:B],
+                                     F.cross_entropy(logits[:B], y[:B], reduction="none"))
+    r_size, r_bal = splitter_regularizers(logit[-B:], y[-B:], cfg.delta, data.classes)
+    loss = fit - l_val + cfg.lambda_size * r_size + cfg.lambda_bal * r_bal
     run.opt_split.zero_grad(set_to_none=True)
     loss.backward()
     run.opt_split.step()
-    for name, value in parts.items():
-        stats[f"split_{name}"].append(value)
+    for name, value in dict(fit=fit, l_val=l_val, r_size=r_size, r_bal=r_bal).items():
+        stats[f"split_{name}"].append(value.detach())
 
 
 def epoch_batches(run, cfg):
@@ -623,13 +663,11 @@ def train_steps(run, data, cfg, batches):
         if meta_now:
             meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
             if run.method == "molere":
-                splitter_step(run, data, cfg, stats)
+                splitter_step(run, data, cfg, stats, val_idx)
         run.opt.step()
         run.step += 1
     means = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist()  # one host sync
-    out = dict(zip(stats, means), steps=len(batches))
-    out["w_std"] = math.sqrt(max(out.pop("w_sq") - out["w_mean"] ** 2, 0.0))
-    return out
+    return dict(zip(stats, means), steps=len(batches))
 
 
 def train_epoch(run, data, cfg):
@@ -645,8 +683,8 @@ def random_split(data, delta, seed):
 
 def train_twice_split(method, erm_model, data, delta, seed):
     """SPEC section 3: validation split from the ERM model's margins on S (per class).
-    Hard = lowest margins, Easy = highest, Random = uniform."""
-    if method == "lrw-random":
+    Hard = lowest margins, Easy = highest, Random = uniform (also the S_tr of the erm-tr control)."""
+    if method in ("lrw-random", "erm-tr"):
         return random_split(data, delta, 10_000 + seed)
     pm = margins(predict(erm_model, data, data.x)[0], data.y)
     return per_class_topk(-pm if method == "lrw-hard" else pm, data.y, delta, data.classes)
@@ -658,9 +696,11 @@ def molere_split(run, data, cfg):
     logits, h = predict(run.fwd, data, data.x)
     with torch.no_grad():
         new = per_class_topk(torch.sigmoid(run.splitter(h, data.y)), data.y, cfg.delta, data.classes)
-    wrong = logits.argmax(1) != data.y
-    return new, dict(split_kept=float((new & run.val_mask).sum() / new.sum()),
-                     val_err=float(wrong[new].float().mean()), train_err=float(wrong[~new].float().mean()))
+    wrong = (logits.argmax(1) != data.y).float()
+    old = run.val_mask
+    err = lambda m: float(wrong[m].mean()) if m.any() else None
+    return new, dict(split_kept=float((new & old).sum() / new.sum()), val_err=err(new), train_err=err(~new),
+                     val_err_kept=err(new & old), val_err_new=err(new & ~old))
 
 # ----------------------------------------------------------------------------- one run: the MOLERE loop
 
@@ -753,10 +793,15 @@ def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
             budget.spend()
     if test_logits is None:  # resumed from a checkpoint of the last epoch
         test_logits, _ = predict(run.fwd, data, data.x_test)
+    train_logits, h = predict(run.fwd, data, data.x)  # the regime check: how well S is fitted
+    rounded = lambda t: [round(v, 4) for v in t.tolist()]
+    with torch.no_grad():
+        weights = rounded(instance_weights(run.meta, h, data.y)) if run.reweights else None
     return run, dict(
         method=method, seed=seed, dataset=cfg.dataset, config_hash=cfg.hash(), config=cfg.as_dict(),
-        test_acc=accuracy(test_logits, data.y_test),
-        test_margins=[round(m, 4) for m in margins(test_logits, data.y_test).tolist()],
+        test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
+        train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
+        train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
         val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
         device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
@@ -765,14 +810,16 @@ def progress_line(tag, e, run, epochs):
     eta = run.elapsed / run.epoch * (epochs - run.epoch)
     parts = [f"{tag} epoch {e['epoch']}/{epochs}", f"lr {e['lr']:.4g}", f"loss {e['loss']:.3f}"]
     if run.reweights:
-        parts += [f"w {e['w_mean']:.2f}+-{e['w_std']:.2f}", f"val-loss {e['val_loss']:.3f}",
-                  f"val n={int(run.val_mask.sum())}"]
+        parts += [f"w {e['w_mean']:.2f} spread {e['w_spread']:.2f} corr(w,l) {e['w_loss_corr']:+.2f}",
+                  f"val-loss {e['val_loss']:.3f}", f"val n={int(run.val_mask.sum())}"]
     if "split_fit" in e:
         parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_l_val']:.3f} "
                      f"R_size {e['split_r_size']:.4f} R_bal {e['split_r_bal']:.4f}")
     if "val_err" in e:
-        parts.append(f"new split: err val {e['val_err']:.1%} train {e['train_err']:.1%} "
-                     f"kept {e['split_kept']:.0%}")
+        kept = "" if e["val_err_kept"] is None else f" (kept {e['val_err_kept']:.1%}"
+        kept += "" if e["val_err_new"] is None else f"{', ' if kept else ' ('}new {e['val_err_new']:.1%}"
+        parts.append(f"new split: err val {e['val_err']:.1%}{kept + ')' if kept else ''} train "
+                     f"{e['train_err']:.1%}, kept {e['split_kept']:.0%}")
     if "test_acc" in e:
         parts.append(f"test {e['test_acc']:.2f}%")
     h, rest = divmod(int(eta), 3600)
@@ -843,7 +890,8 @@ def report_table(rows, dataset):
         else:
             gain = pair = "—"
         paper = f"{PAPER_GAIN_CIFAR100[m]:+.2f}" if m in PAPER_GAIN_CIFAR100 else "—"
-        lines.append(f"| {m} | {len(accs)} | {mu:.2f} ± {sd:.2f} | {gain} | {pair} | {paper} |")
+        name = f"{m} (control)" if m in CONTROLS else m
+        lines.append(f"| {name} | {len(accs)} | {mu:.2f} ± {sd:.2f} | {gain} | {pair} | {paper} |")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- CLI
@@ -855,14 +903,16 @@ def build_parser():
                     "WRN-28-10 setting with the standard recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--method", default="all", help="erm | lrw-random | lrw-easy | lrw-hard | molere | all "
+    a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | all "
       "(all: ERM once per seed, reused for the train-twice margins, then the rest)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
     a("--no-download", action="store_true", help="never try to download missing CIFAR files")
     for f in fields(Config):  # what defines a run's numbers: one flag per Config field
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, tuple):
+        if isinstance(f.default, bool):  # default on: the flag turns it off
+            a("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f.metadata["help"] + " (off)")
+        elif isinstance(f.default, tuple):
             a(flag, type=float, nargs="+", default=list(f.default), help=f.metadata["help"])
         else:
             a(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
@@ -935,7 +985,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                         append_result(results_path, result)
                         done.add(("erm", seed))
                 val_mask = train_twice_split(method, erm_model, data, cfg.delta, seed)
-            elif method == "lrw-random":
+            elif method in ("lrw-random", "erm-tr"):
                 val_mask = train_twice_split(method, None, data, cfg.delta, seed)
             run, result = train(cfg, rt, method, seed, data, val_mask, budget)
             if method == "erm":

@@ -1,5 +1,6 @@
 """molere.py against independent references: finite differences, float64, explicit loops."""
 import json
+from collections import defaultdict
 import math
 import os
 import pickle
@@ -37,12 +38,13 @@ def tiny_setup(dropout=0.0, classes=5, n=12, dtype=torch.float64):
     return model, meta, x, y, h.to(dtype), xv, yv
 
 
-def test_meta_grad_reference_matches_finite_differences():
+@pytest.mark.parametrize("weight_norm", ["none", "batch"])
+def test_meta_grad_reference_matches_finite_differences(weight_norm):
     fresh_seed()
     model, meta, x, y, h, xv, yv = tiny_setup()
     alpha = 0.3
     rng = molere.rng_state(torch.device("cpu"))
-    loss_val, grads = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)
+    loss_val, grads = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm)
     direction = [torch.randn_like(p) for p in meta.parameters()]
     eps = 1e-6
 
@@ -50,7 +52,7 @@ def test_meta_grad_reference_matches_finite_differences():
         with torch.no_grad():
             for p, d in zip(meta.parameters(), direction):
                 p.add_(sign * eps * d)
-        value = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)[0].item()
+        value = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm)[0].item()
         with torch.no_grad():
             for p, d in zip(meta.parameters(), direction):
                 p.sub_(sign * eps * d)
@@ -62,21 +64,23 @@ def test_meta_grad_reference_matches_finite_differences():
     assert math.isclose(analytic, numeric, rel_tol=1e-6, abs_tol=1e-9)
 
 
+@pytest.mark.parametrize("weight_norm", ["none", "batch"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fast_meta_grad_equals_reference_in_float64(dropout):
+def test_fast_meta_grad_equals_reference_in_float64(dropout, weight_norm):
     fresh_seed()
     model, meta, x, y, h, xv, yv = tiny_setup(dropout)
     alpha = 0.2
     rng = molere.rng_state(torch.device("cpu"))
     with molere.replay_rng(rng, x.device):  # the classifier step: G at theta, same dropout masks
         w = torch.sigmoid(meta(h, y)).detach()
+        w_tilde = w / w.mean() if weight_norm == "batch" else w  # written out, not molere's helper
         logits, _ = model(x)
-        loss = weighted_cross_entropy(logits, y, w)
+        loss = weighted_cross_entropy(logits, y, w_tilde)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     state = torch.get_rng_state()
-    fast_val, fast = molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng)
+    fast_val, fast = molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm)
     torch.set_rng_state(state)  # the validation forward draws the same masks in both paths
-    ref_val, ref = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)
+    ref_val, ref = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm)
     assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
     assert sum(g.abs().sum() for g in ref) > 1e-8
     for f, r in zip(fast, ref):
@@ -261,9 +265,17 @@ def test_every_method_runs_end_to_end_on_cifar100_layout(tmp_path, capsys):
     assert [r["method"] for r in rows] == list(molere.METHODS)
     for r in rows:
         assert 0 <= r["test_acc"] <= 100 and len(r["test_margins"]) == 100 and len(r["log"]) == 2
+        assert 0 <= r["train_acc"] <= 100 and len(r["train_margins"]) == 300
         assert all(math.isfinite(e["loss"]) for e in r["log"])
-        assert r["val_size"] == (0 if r["method"] == "erm" else 100)
-    assert "paper's CIFAR-100 gain" in text and "| molere | 1 |" in text
+        assert r["val_size"] == len(r["val_mask"]) == (0 if r["method"] == "erm" else 100)  # 1 of 3 per class
+        reweights = r["method"] not in ("erm", "erm-tr")
+        assert (r["train_weights"] is not None) == reweights
+        if reweights:
+            assert all(0 < w < 1 for w in r["train_weights"])
+            assert all(math.isfinite(e[k]) for e in r["log"] for k in ("w_spread", "w_loss_corr", "val_loss"))
+    by = {r["method"]: r for r in rows}
+    assert by["erm-tr"]["val_mask"] == by["lrw-random"]["val_mask"]  # the control holds out the same images
+    assert "paper's CIFAR-100 gain" in text and "| molere | 1 |" in text and "| erm-tr (control) | 1 |" in text
     assert "new split" in text  # MOLERE re-split after its warm-up epoch
 
 
@@ -298,6 +310,8 @@ BAD = [
     (["--lr", "nan"], "--lr must be a finite positive number"),
     (["--lambda-size", "-1"], "--lambda-size and --lambda-bal must be finite and non-negative"),
     (["--hidden", "0"], "--hidden must be at least 1"),
+    (["--weight-norm", "max"], "--weight-norm must be batch or none"),
+    (["--splitter-data", "train"], "--splitter-data must be val or all"),
     (["--seeds", "0", "-1"], "--seeds must be non-negative"),
 ]
 
@@ -361,7 +375,7 @@ def test_cli_help_and_exit_code_in_a_real_process():
     bad = subprocess.run([sys.executable, "molere.py", "--method", "nope"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "molere.py: error: unknown --method 'nope': choose from erm, lrw-random, lrw-easy, lrw-hard, molere, all"]
+        "molere.py: error: unknown --method 'nope': choose from erm, erm-tr, lrw-random, lrw-easy, lrw-hard, molere, all"]
 
 
 def test_meta_grad_on_a_torchvision_resnet18():
@@ -449,3 +463,30 @@ def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatc
         assert len(drawn.unique()) == len(drawn) == int((~mask).sum())  # S_tr exactly once
     if method == "molere":  # the splitter's re-splits changed S_val during the run
         assert not torch.equal(seen[0][2], seen[-1][2])
+
+
+@pytest.mark.parametrize("splitter_data", ["val", "all"])
+def test_splitter_game_terms_see_only_validation_images(monkeypatch, splitter_data):
+    """SPEC section 2: CE and -l_val on a batch of the current S_val, the regularisers on a batch
+    of S (--splitter-data val); the old reading puts all four terms on the pool batch."""
+    seed = fresh_seed()
+    cfg, data, run = small_run("molere", seed, splitter_data=splitter_data, batch_size=30)
+    run.val_mask = molere.random_split(data, cfg.delta, seed)
+    val_idx = run.val_mask.nonzero().squeeze(1)
+    seen, parts = [], {}
+    real_predict, real_game, real_reg = molere.predict, molere.splitter_game_terms, molere.splitter_regularizers
+    monkeypatch.setattr(molere, "predict", lambda net, d, x, chunk=1000: seen.append(x.clone()) or real_predict(net, d, x, chunk))
+    monkeypatch.setattr(molere, "splitter_game_terms", lambda logit, *a: parts.setdefault("game", len(logit)) and real_game(logit, *a))
+    monkeypatch.setattr(molere, "splitter_regularizers", lambda logit, *a: parts.setdefault("reg", len(logit)) and real_reg(logit, *a))
+    before = [p.clone() for p in run.splitter.parameters()]
+    molere.splitter_step(run, data, cfg, defaultdict(list), val_idx)
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.splitter.parameters()))
+    (x,) = seen  # one classifier forward for the whole step
+    val_images = {bytes(img.numpy()) for img in data.x[val_idx]}
+    in_val = torch.tensor([bytes(img.numpy()) in val_images for img in x])
+    assert parts == {"game": 30, "reg": 30}
+    if splitter_data == "val":
+        assert len(x) == 60 and in_val[:30].all()
+        assert not in_val[30:].all()  # the pool batch is drawn from all of S (40 of 400 are S_val)
+    else:
+        assert len(x) == 30 and not in_val.all()

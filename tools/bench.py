@@ -71,7 +71,7 @@ def profile_meta_step(cfg, rt, data, repeats=5):
         "classifier step (forward + backward)": lambda: molere.classifier_step(run, data, cfg, idx, stats),
         "look-ahead validation forward + backward": lookahead,
         "whole meta step (look-ahead + JVP + dw/dphi + Adam)": meta,
-        "splitter step": lambda: molere.splitter_step(run, data, cfg, stats),
+        "splitter step": lambda: molere.splitter_step(run, data, cfg, stats, val_idx),
     }
     print("| part of a MOLERE step | ms |\n|---|---|")
     for name, fn in parts.items():
