@@ -18,6 +18,7 @@ Equation -> function: README.md, "Where each equation lives".
 """
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -709,23 +710,51 @@ def checkpoint_path(rt, cfg, method, seed):
     return os.path.join(rt.out, f"{cfg.dataset}-{method}-seed{seed}.pt")
 
 
+def has_checkpoint(path):
+    return os.path.exists(path) or os.path.exists(path + ".prev")
+
+
 def save_checkpoint(run, path, cfg):
+    """Written to a temporary file and fsynced, then renamed into place; the previous epoch's
+    checkpoint is kept as PATH.prev until the new one is in place, so at every instant one
+    complete checkpoint exists. Only tensors, numbers, strings, lists and dicts: readable with
+    torch.load(weights_only=True)."""
     ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
     ckpt.update(config=cfg.as_dict(), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
-                elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=rng_state(run.device))
+                elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)))
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    os.replace(tmp, path)
 
 
 def read_checkpoint(path, cfg):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    theirs, ours = ckpt.get("config", {}), cfg.as_dict()
-    if theirs != ours:
-        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise ConfigMismatch(f"{path} is from a different config (differs in: {', '.join(diff)}); "
-                             f"use another --out or the same flags")
-    return ckpt
+    """The checkpoint at `path`, or the previous epoch's (PATH.prev) if that one cannot be read.
+    Loading never runs code from the file (weights_only=True); a file that would is refused."""
+    why = "missing"
+    for candidate in (path, path + ".prev"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, corrupt, or holding code to run: never unpickled
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'unreadable'}"
+            print(f"warning: checkpoint {candidate} is unreadable ({why})", file=sys.stderr)
+            continue
+        theirs, ours = ckpt.get("config", {}), cfg.as_dict()
+        if theirs != ours:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ConfigMismatch(f"{candidate} is from a different config (differs in: {', '.join(diff)}); "
+                                 f"use another --out or the same flags")
+        if candidate != path:
+            print(f"warning: falling back to the previous epoch's checkpoint {candidate}", file=sys.stderr)
+        return ckpt
+    raise UserError(f"checkpoint {path} cannot be read ({why}) and no readable previous one exists: "
+                    f"delete it to train that run from the start")
 
 
 def restore(run, ckpt):
@@ -762,7 +791,7 @@ def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
     path = checkpoint_path(rt, cfg, method, seed)
     run = Run(cfg, method, seed, data, rt.device, rt.compile)
     tag = f"[{method} seed {seed}]"
-    if rt.resume and os.path.exists(path):
+    if rt.resume and has_checkpoint(path):
         restore(run, read_checkpoint(path, cfg))
         print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
     elif method == "molere":
@@ -840,15 +869,35 @@ def device_name(device):
 
 
 def read_results(path, cfg_hash=None):
-    if not os.path.exists(path):
-        return []
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    return [r for r in rows if cfg_hash is None or r["config_hash"] == cfg_hash]
+    """Result records, one JSON line per finished run. A torn line (a process killed while
+    writing it) is skipped with one warning; that run counts as unfinished, so --resume
+    reports it again from its checkpoint."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        print(f"warning: {path} line {n} is a torn record, skipped; --resume reports that "
+                              f"run again from its checkpoint", file=sys.stderr)
+    return [r for r in rows if cfg_hash is None or r.get("config_hash") == cfg_hash]
 
 
 def append_result(path, result):
-    with open(path, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    """Append one record under an exclusive lock, fsynced: two processes sharing --out never
+    interleave, and a crash leaves at most a torn last line, which the next append closes."""
+    line = (json.dumps(result) + "\n").encode()
+    with open(path, "ab+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def mean_std(xs):
@@ -948,7 +997,7 @@ def check_plan(cfg, rt, plan, seeds, data):
     for seed in seeds:
         for m in plan:
             path = checkpoint_path(rt, cfg, m, seed)
-            if os.path.exists(path):
+            if has_checkpoint(path):
                 if not rt.resume:
                     raise UserError(f"{path} exists: pass --resume to continue it, or use another --out")
                 read_checkpoint(path, cfg)
@@ -957,7 +1006,7 @@ def check_plan(cfg, rt, plan, seeds, data):
 def finished_erm(cfg, rt, seed, data, budget):
     """The ERM model of this config and seed, for the train-twice margins (trained if needed)."""
     path = checkpoint_path(rt, cfg, "erm", seed)
-    if os.path.exists(path):
+    if has_checkpoint(path):
         ckpt = read_checkpoint(path, cfg)
         if ckpt["epoch"] == cfg.epochs:
             run = Run(cfg, "erm", seed, data, rt.device)
@@ -1029,7 +1078,13 @@ def main(argv=None):
     try:
         data = load_data(cfg, device, args.data_root, not args.no_download)
         check_plan(cfg, rt, plan, args.seeds, data)
-        os.makedirs(rt.out, exist_ok=True)
+        try:
+            os.makedirs(rt.out, exist_ok=True)
+            with open(os.path.join(rt.out, ".write-test"), "w"):
+                pass
+            os.remove(os.path.join(rt.out, ".write-test"))
+        except OSError as e:
+            raise UserError(f"--out {rt.out} cannot be created or written ({e.strerror or e})")
         print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
               f"WRN-{cfg.depth}-{cfg.width} on {device_name(device)}; config {cfg.hash()}; "
               f"results -> {results_path}", flush=True)

@@ -490,3 +490,76 @@ def test_splitter_game_terms_see_only_validation_images(monkeypatch, splitter_da
         assert not in_val[30:].all()  # the pool batch is drawn from all of S (40 of 400 are S_val)
     else:
         assert len(x) == 30 and not in_val.all()
+
+
+def test_torn_result_record_is_skipped_and_reported_again(tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--train-subset", "100", "--method", "erm", "--epochs", "1",
+              "--seeds", "0", "1", "--out", str(tmp_path)] + TINY
+    run_main(common, capsys)
+    path = tmp_path / "results.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + lines[1][:len(lines[1]) // 2])  # killed while writing seed 1's record
+    text = run_main(common + ["--resume"], capsys)
+    assert "line 2 is a torn record" in text.err and len(text.err.strip().splitlines()) <= 3
+    assert "[erm seed 0] finished earlier" in text.out and "[erm seed 1] resumed" in text.out
+    rows = molere.read_results(str(path))  # the torn half line closed off, the record written anew
+    assert sorted(r["seed"] for r in rows) == [0, 1]
+    assert rows[1]["test_acc"] == json.loads(lines[1])["test_acc"]
+
+
+def test_two_writers_never_interleave(tmp_path):
+    path = str(tmp_path / "results.jsonl")
+    code = ("import sys, molere\nfor i in range(40):\n"
+            "    molere.append_result(sys.argv[1], dict(writer=sys.argv[2], i=i, pad='x' * 200_000))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, path, w], cwd=ROOT) for w in "ab"]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    rows = molere.read_results(path)
+    assert len(rows) == 80
+    for w in "ab":
+        assert [r["i"] for r in rows if r["writer"] == w] == list(range(40))
+
+
+def test_unreadable_checkpoint_falls_back_or_says_what_to_do(tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--train-subset", "100", "--method", "erm", "--epochs", "3",
+              "--out", str(tmp_path)] + TINY
+    run_main(common + ["--stop-after", "2"], capsys)
+    ckpt = tmp_path / "synthetic-erm-seed0.pt"
+    assert torch.load(str(ckpt) + ".prev", weights_only=True)["epoch"] == 1  # the previous epoch kept
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])  # truncated
+    text = run_main(common + ["--resume"], capsys)
+    assert "falling back to the previous epoch's checkpoint" in text.err and "resumed" in text.out
+    assert "at epoch 1" in text.out and molere.read_results(str(tmp_path / "results.jsonl"))
+    for f in tmp_path.glob("*.pt*"):
+        f.write_bytes(b"garbage")
+    (tmp_path / "results.jsonl").unlink()
+    with pytest.raises(SystemExit) as e:
+        molere.main(common + ["--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "cannot be read" in err[-1] and "delete it" in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo ran > " + os.environ["BOOM_FILE"],))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BOOM_FILE", str(tmp_path / "ran"))
+    common = ["--dataset", "synthetic", "--train-subset", "100", "--method", "erm", "--epochs", "2",
+              "--out", str(tmp_path / "o")] + TINY
+    os.makedirs(tmp_path / "o")
+    torch.save({"epoch": 1, "evil": _Boom()}, str(tmp_path / "o" / "synthetic-erm-seed0.pt"))
+    with pytest.raises(SystemExit) as e:
+        molere.main(common + ["--resume"])
+    assert e.value.code == 2 and "cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_out_that_cannot_be_created_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        molere.main(["--dataset", "synthetic", "--train-subset", "100", "--epochs", "1", "--method", "erm",
+                     "--out", str(tmp_path / "file" / "sub")] + TINY)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "cannot be created or written" in err and len(err.splitlines()) == 1

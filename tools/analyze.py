@@ -1,15 +1,22 @@
-"""Tables and figures from a results.jsonl written by molere.py (RESULTS.md is made from these).
+"""Tables and figures from the result records of one study (RESULTS.md is made from these).
 
-    python -m tools.analyze results/cifar10-cpu/results.jsonl [--figures DIR]
+    python -m tools.analyze results/cifar10-cpu-2/results.jsonl --figures results/cifar10-cpu-2
 
-Prints, for the newest config in the file: (a) accuracy and gain over ERM with the per-seed
-paired spread, the paper's CIFAR-100 gain beside it; (b) the margin analysis of SPEC section 4:
-paired test-margin differences method - ERM (same test image, same seed), mean and median,
-and the mean margin gain binned by ERM margin; (c) wall time per method and MOLERE/ERM.
-With --figures, also writes gain_over_erm.png (like the paper's Fig. 1) and
-margin_gain.png (like its Fig. 3). Figures need matplotlib, an optional extra.
+Reads the newest config in the file and prints markdown, in this order (SPEC section 5):
+(a) accuracy, gain over ERM, per-seed paired gains with their sign count and a paired t-test
+    p-value, the paper's CIFAR-100 gain beside ours (labelled); controls labelled as such;
+(b) the paired comparisons that isolate one cause each: LRW-Random - ERM-tr (the learned
+    weights alone), Hard - Random, Hard - Easy, MOLERE - Hard;
+(c) the regime check (training accuracy on S, eval mode) and the meta-level diagnostics;
+(d) the margin analysis: paired test-margin differences method - ERM, binned by ERM margin,
+    beside ERM of one seed against ERM of another (what regression to the mean alone gives);
+(e) wall time per run, from the records.
+With --figures, also writes gain_over_erm.png, margin_gain.png, weight_vs_margin.png and
+learning_curves.png (figures need matplotlib, an optional extra). Records from before
+2026-11-27 lack some fields; their sections are left out.
 """
 import argparse
+import math
 import os
 import statistics
 
@@ -20,8 +27,125 @@ import molere
 BINS = [-1.0, -0.5, 0.0, 0.5, 1.0001]
 
 
+def t_test_p(diffs):
+    """Two-sided p-value of the paired t-test (H0: mean difference 0), df = n - 1, by integrating
+    Student's t density over |t|..inf on the substitution x = tan(u). None if n < 2."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return 0.0 if statistics.mean(diffs) != 0 else 1.0
+    t, df = abs(statistics.mean(diffs)) / (sd / math.sqrt(n)), n - 1
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    lo, steps = math.atan(t), 4000  # Simpson's rule on [atan t, pi/2]
+    u = torch.linspace(lo, math.pi / 2, steps + 1, dtype=torch.float64)
+    f = c * (1 + torch.tan(u) ** 2 / df) ** (-(df + 1) / 2) / torch.cos(u) ** 2
+    f[-1] = 0.0 if df > 1 else c * df  # the limit at pi/2 (df = 1: the Cauchy density times sec^2)
+    w = torch.ones(steps + 1, dtype=torch.float64)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    return float(min(1.0, 2 * (w * f).sum() * (math.pi / 2 - lo) / (3 * steps)))
+
+
+def paired(by, a, b):
+    """Per-seed a - b over the seeds both have, in seed order."""
+    seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+    return seeds, [by[a][s] - by[b][s] for s in seeds]
+
+
+def describe(diffs):
+    p = t_test_p(diffs)
+    signs = f"{sum(d > 0 for d in diffs)}+ / {sum(d < 0 for d in diffs)}−"
+    return (f"{statistics.mean(diffs):+.2f}", f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "—",
+            ", ".join(f"{d:+.2f}" for d in diffs), signs, "—" if p is None else f"{p:.3f}")
+
+
+def name(m):
+    return f"{m} (control)" if m in molere.CONTROLS else m
+
+
+def accuracy_table(rows):
+    by = molere.accuracy_by_seed(rows)
+    head = ["method", "n", "test accuracy mean ± std (%)", "paired gain over ERM (pp)", "± std",
+            "per seed (seed order)", "signs", "paired t p", "paper's CIFAR-100 gain (pp, Fig. 1)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in molere.METHODS:
+        if m not in by:
+            continue
+        mu, sd = molere.mean_std(list(by[m].values()))
+        cells = [name(m), str(len(by[m])), f"{mu:.2f} ± {sd:.2f}"]
+        seeds, d = paired(by, m, "erm")
+        cells += list(describe(d)) if m != "erm" and d else ["—"] * 5
+        cells.append(f"{molere.PAPER_GAIN_CIFAR100[m]:+.2f}" if m in molere.PAPER_GAIN_CIFAR100 else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines.append(f"\nPer-seed test accuracy (%), seeds {', '.join(map(str, seeds))}:")
+    for m in molere.METHODS:
+        if m in by:
+            lines.append(f"* {name(m)}: " + ", ".join(f"{by[m][s]:.2f}" for s in seeds if s in by[m]))
+    return "\n".join(lines)
+
+
+COMPARISONS = [("lrw-random", "erm-tr", "the learned weights alone (same S_tr, same steps)"),
+               ("lrw-hard", "lrw-random", "a hard validation set instead of a random one"),
+               ("lrw-hard", "lrw-easy", "hard against easy validation set"),
+               ("molere", "lrw-hard", "the splitter's split against train-twice Hard"),
+               ("erm-tr", "erm", "the price of holding delta of S out")]
+
+
+def comparison_table(rows):
+    by = molere.accuracy_by_seed(rows)
+    head = ["comparison", "what it isolates", "n", "mean (pp)", "± std", "per seed", "signs", "paired t p"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b, what in COMPARISONS:
+        seeds, d = paired(by, a, b)
+        if d:
+            lines.append("| " + " | ".join([f"{a} − {b}", what, str(len(d))] + list(describe(d))) + " |")
+    return "\n".join(lines)
+
+
+def regime_table(rows):
+    """Training accuracy on S (eval mode, no augmentation) and what the meta-level did."""
+    if not all("train_acc" in r for r in rows):
+        return None
+    head = ["method", "train acc on S (%) by seed", "w spread (std/mean), first → last epoch",
+            "corr(w, loss), first → last", "val loss, first → last"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in molere.METHODS:
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        cells = [name(m), ", ".join(f"{r['train_acc']:.2f}" for r in rs)]
+        for key in ("w_spread", "w_loss_corr", "val_loss"):
+            if key in rs[0]["log"][0]:
+                first = statistics.mean(r["log"][0][key] for r in rs)
+                last = statistics.mean(r["log"][-1][key] for r in rs)
+                cells.append(f"{first:.3f} → {last:.3f}")
+            else:
+                cells.append("—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def resplit_table(rows):
+    """MOLERE's re-splits: overlap with the previous split, error of its points, kept and new."""
+    rs = sorted((r for r in rows if r["method"] == "molere"), key=lambda r: r["seed"])
+    if not rs or "val_err_new" not in next((e for e in rs[0]["log"] if "val_err" in e), {}):
+        return None
+    fmt = lambda v: "—" if v is None else f"{v:.1%}"
+    lines = ["| seed | epoch | kept from previous split | error on new S_val | of which kept | of which new | "
+             "error on new S_tr |", "|---|---|---|---|---|---|---|"]
+    for r in rs:
+        for e in r["log"]:
+            if "val_err" in e:
+                lines.append(f"| {r['seed']} | {e['epoch'] - 1} | {e['split_kept']:.0%} | {fmt(e['val_err'])} | "
+                             f"{fmt(e['val_err_kept'])} | {fmt(e['val_err_new'])} | {fmt(e['train_err'])} |")
+    return "\n".join(lines)
+
+
 def paired_margin_gains(rows):
-    """{method: (erm margins, method - erm margins)} over all seeds both have, concatenated."""
+    """{method: (erm margins, method - erm margins, pairs)} pooled over seeds; the key
+    'erm (other seed)' pairs ERM of one seed with ERM of every other seed."""
     erm = {r["seed"]: torch.tensor(r["test_margins"]) for r in rows if r["method"] == "erm"}
     out = {}
     for m in molere.METHODS[1:]:
@@ -29,15 +153,18 @@ def paired_margin_gains(rows):
                  for r in rows if r["method"] == m and r["seed"] in erm]
         if pairs:
             out[m] = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), len(pairs))
+    pairs = [(erm[s], erm[t] - erm[s]) for s in erm for t in erm if s != t]
+    if pairs:
+        out["erm (other seed)"] = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), len(pairs))
     return out
 
 
 def margin_table(gains):
-    head = ["method", "seeds", "mean margin gain", "median margin gain"] + \
+    head = ["method", "pairs of runs", "mean margin gain", "median margin gain"] + \
            [f"ERM margin in [{lo:+.1f}, {min(hi, 1):+.1f})" for lo, hi in zip(BINS, BINS[1:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, (base, diff, n) in gains.items():
-        cells = [m, str(n), f"{diff.mean():+.4f}", f"{diff.median():+.4f}"]
+        cells = [name(m), str(n), f"{diff.mean():+.4f}", f"{diff.median():+.4f}"]
         for lo, hi in zip(BINS, BINS[1:]):
             sel = (base >= lo) & (base < hi)
             cells.append(f"{diff[sel].mean():+.4f} (n={int(sel.sum())})" if sel.any() else "—")
@@ -54,12 +181,45 @@ def time_table(rows):
     for m in molere.METHODS:
         if m in by:
             t = statistics.mean(by[m])
-            ratio = f"{t / erm:.2f}" if erm else "—"
-            lines.append(f"| {m} | {', '.join(f'{x:.0f}' for x in by[m])} | {t:.0f} | {ratio} |")
+            lines.append(f"| {name(m)} | {', '.join(f'{x:.0f}' for x in by[m])} | {t:.0f} | "
+                         f"{f'{t / erm:.2f}' if erm else '—'} |")
     return "\n".join(lines)
 
 
-def figures(rows, gains, folder):
+def weight_vs_margin(rows, bins=10):
+    """{method: (bin centres, mean w~ per bin)}: the final meta-network's weight of each image of
+    S_tr (divided by its mean over S_tr, so 1 = average) against ERM's margin of the same image."""
+    erm = {r["seed"]: torch.tensor(r["train_margins"]) for r in rows if r["method"] == "erm" and "train_margins" in r}
+    edges = torch.linspace(-1, 1.0001, bins + 1)
+    out = {}
+    for m in molere.METHODS:
+        xs, ws = [], []
+        for r in rows:
+            if r["method"] == m and r.get("train_weights") and r["seed"] in erm:
+                keep = torch.ones(len(r["train_weights"]), dtype=torch.bool)
+                keep[r["val_mask"]] = False
+                w = torch.tensor(r["train_weights"])[keep]
+                xs.append(erm[r["seed"]][keep])
+                ws.append(w / w.mean())
+        if xs:
+            x, w = torch.cat(xs), torch.cat(ws)
+            idx = torch.bucketize(x, edges[1:-1])
+            out[m] = ([float((edges[i] + edges[i + 1]) / 2) for i in range(bins) if (idx == i).any()],
+                      [float(w[idx == i].mean()) for i in range(bins) if (idx == i).any()],
+                      [int((idx == i).sum()) for i in range(bins) if (idx == i).any()])
+    return out
+
+
+def weight_table(curves):
+    if not curves:
+        return None
+    lines = ["| method | ERM margin bin centre: mean w~ (n images) |", "|---|---|"]
+    for m, (x, w, n) in curves.items():
+        lines.append(f"| {name(m)} | " + "; ".join(f"{a:+.1f}: {b:.3f} ({c})" for a, b, c in zip(x, w, n)) + " |")
+    return "\n".join(lines)
+
+
+def figures(rows, gains, curves, folder):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -69,53 +229,97 @@ def figures(rows, gains, folder):
         return
     acc = molere.accuracy_by_seed(rows)
     methods = [m for m in molere.METHODS[1:] if m in acc and molere.paired_gains(acc, m)]
-    paired = [molere.paired_gains(acc, m) for m in methods]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    gains_by = [molere.paired_gains(acc, m) for m in methods]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = range(len(methods))
-    ax.bar([x - 0.2 for x in xs], [statistics.mean(p) for p in paired], 0.4,
-           yerr=[statistics.stdev(p) if len(p) > 1 else 0 for p in paired], capsize=3, label="ours (mean ± std over seeds)")
-    ax.bar([x + 0.2 for x in xs], [molere.PAPER_GAIN_CIFAR100[m] for m in methods], 0.4, fill=False,
+    ax.bar([x - 0.2 for x in xs], [statistics.mean(p) for p in gains_by], 0.4,
+           yerr=[statistics.stdev(p) if len(p) > 1 else 0 for p in gains_by], capsize=3, label="ours (mean ± std over seeds)")
+    ax.bar([x + 0.2 for x in xs], [molere.PAPER_GAIN_CIFAR100.get(m, 0) for m in methods], 0.4, fill=False,
            hatch="//", label="paper's CIFAR-100 (Fig. 1)")
-    for x, p in zip(xs, paired):
+    for x, p in zip(xs, gains_by):
         ax.scatter([x - 0.2] * len(p), p, color="k", s=8, zorder=3)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(list(xs), methods)
+    ax.set_xticks(list(xs), [name(m).replace(" (control)", "\n(control)") for m in methods])
     ax.set_ylabel("test accuracy gain over ERM (points)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "gain_over_erm.png"), dpi=120)
+    written = ["gain_over_erm.png"]
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     centers = [(lo + min(hi, 1)) / 2 for lo, hi in zip(BINS, BINS[1:])]
     for m, (base, diff, _) in gains.items():
         means = [float(diff[(base >= lo) & (base < hi)].mean()) if ((base >= lo) & (base < hi)).any() else float("nan")
                  for lo, hi in zip(BINS, BINS[1:])]
-        ax.plot(centers, means, marker="o", label=m)
+        style = dict(ls="--", color="k") if m.startswith("erm (") else {}
+        ax.plot(centers, means, marker="o", label=name(m), **style)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("ERM test margin (bin centre)")
     ax.set_ylabel("mean margin gain over ERM")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "margin_gain.png"), dpi=120)
-    print(f"figures: {folder}/gain_over_erm.png, {folder}/margin_gain.png")
+    written.append("margin_gain.png")
+
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for m, (x, w, _) in curves.items():
+            ax.plot(x, w, marker="o", label=name(m))
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_xlabel("ERM margin of the same training image (bin centre)")
+        ax.set_ylabel("learned weight / mean weight (end of run)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "weight_vs_margin.png"), dpi=120)
+        written.append("weight_vs_margin.png")
+
+    if any("test_acc" in e for r in rows for e in r["log"][:-1]):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for m in molere.METHODS:
+            rs = [r for r in rows if r["method"] == m]
+            if not rs:
+                continue
+            epochs = [e["epoch"] for e in rs[0]["log"]]
+            a1.plot(epochs, [statistics.mean(r["log"][i]["loss"] for r in rs) for i in range(len(epochs))], label=name(m))
+            tested = [i for i, e in enumerate(rs[0]["log"]) if "test_acc" in e]
+            a2.plot([epochs[i] for i in tested], [statistics.mean(r["log"][i]["test_acc"] for r in rs) for i in tested],
+                    marker=".", label=name(m))
+        a1.set_xlabel("epoch"), a1.set_ylabel("training loss (unweighted, batch mean)")
+        a2.set_xlabel("epoch"), a2.set_ylabel("test accuracy (%), plotted, never used to select")
+        a2.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "learning_curves.png"), dpi=120)
+        written.append("learning_curves.png")
+    print(f"\nfigures in {folder}: {', '.join(written)}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results")
-    p.add_argument("--figures", help="folder for the two PNG figures")
+    p.add_argument("--figures", help="folder for the PNG figures")
     a = p.parse_args()
     rows = molere.read_results(a.results)
     if not rows:
-        raise SystemExit(f"analyze.py: error: no results in {a.results}")
+        raise SystemExit(f"analyze: error: no results in {a.results}")
     rows = [r for r in rows if r["config_hash"] == rows[-1]["config_hash"]]
-    gains = paired_margin_gains(rows)
-    print(molere.report_table(rows, rows[0]["dataset"]))
-    print("\nmargin analysis: paired test-margin differences method - ERM (same image, same seed)")
-    print(margin_table(gains))
-    print("\nwall time")
-    print(time_table(rows))
+    gains, curves = paired_margin_gains(rows), weight_vs_margin(rows)
+    r0 = rows[0]
+    print(f"config {r0['config_hash']} on {r0['dataset']}, {len(rows)} runs, seeds "
+          f"{sorted({r['seed'] for r in rows})}, {r0['device']}, {min(r['date'] for r in rows)} to "
+          f"{max(r['date'] for r in rows)}")
+    sections = [("(a) accuracy", accuracy_table(rows)),
+                ("(b) paired comparisons", comparison_table(rows)),
+                ("(c) regime check and meta-level diagnostics", regime_table(rows)),
+                ("(c) MOLERE's re-splits", resplit_table(rows)),
+                ("(d) margin analysis: paired test-margin differences method − ERM (same image, same seed)",
+                 margin_table(gains)),
+                ("(d) learned weight against the ERM margin of the same training image", weight_table(curves)),
+                ("(e) wall time", time_table(rows))]
+    for title, table in sections:
+        if table:
+            print(f"\n### {title}\n\n{table}")
     if a.figures:
-        figures(rows, gains, a.figures)
+        figures(rows, gains, curves, a.figures)
 
 
 if __name__ == "__main__":

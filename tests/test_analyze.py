@@ -1,0 +1,52 @@
+"""tools/analyze.py: the paired t-test against closed forms, and its tables against the records."""
+import math
+import statistics
+
+import pytest
+import torch
+
+import molere
+from tools import analyze
+
+
+def closed_form_p(t, df):
+    """Two-sided Student-t p-values in closed form for df = 1, 2 and 5."""
+    if df == 1:
+        return 1 - 2 * math.atan(t) / math.pi
+    if df == 2:
+        return 1 - t / math.sqrt(t * t + 2)
+    th = math.atan(t / math.sqrt(5))
+    return 1 - 2 / math.pi * (th + math.sin(th) * math.cos(th) * (1 + 2 / 3 * math.cos(th) ** 2))
+
+
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_paired_t_test_matches_closed_forms(n):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for _ in range(5):
+        diffs = (torch.randn(n, generator=gen) + torch.rand(1, generator=gen) * 2).tolist()
+        t = abs(statistics.mean(diffs)) / (statistics.stdev(diffs) / math.sqrt(n))
+        assert analyze.t_test_p(diffs) == pytest.approx(closed_form_p(t, n - 1), abs=1e-7)
+
+
+def test_tables_follow_the_records(tmp_path, capsys):
+    out = tmp_path / "out"
+    molere.main(["--dataset", "synthetic", "--train-subset", "200", "--depth", "10", "--width", "1",
+                 "--dropout", "0", "--batch-size", "20", "--epochs", "2", "--warmup-epochs", "1",
+                 "--resplit-every", "1", "--hidden", "8", "--seeds", "0", "1", "--out", str(out), "--eval-every", "1"])
+    capsys.readouterr()
+    rows = molere.read_results(str(out / "results.jsonl"))
+    by = molere.accuracy_by_seed(rows)
+    table = analyze.comparison_table(rows)
+    for a, b, _ in analyze.COMPARISONS:  # each row's per-seed differences, recomputed here
+        per_seed = ", ".join(f"{by[a][s] - by[b][s]:+.2f}" for s in (0, 1))
+        assert f"| {a} − {b} |" in table and per_seed in table
+    gains = analyze.paired_margin_gains(rows)
+    base, diff, pairs = gains["erm (other seed)"]
+    assert pairs == 2 and len(diff) == 2 * 1000
+    erm = {r["seed"]: torch.tensor(r["test_margins"]) for r in rows if r["method"] == "erm"}
+    torch.testing.assert_close(diff[:1000], erm[1] - erm[0])
+    curves = analyze.weight_vs_margin(rows)
+    assert set(curves) == {"lrw-random", "lrw-easy", "lrw-hard", "molere"}
+    for x, w, n in curves.values():  # weights divided by their mean over S_tr: the average is 1
+        assert sum(n) == 2 * 180 and sum(a * b for a, b in zip(w, n)) / sum(n) == pytest.approx(1, abs=1e-3)
+    assert analyze.regime_table(rows) and analyze.resplit_table(rows)
