@@ -8,12 +8,22 @@ with s = 1 for reduction "sum", s = 1 / (number of non-ignored rows) for "mean"
 (a mean over an all-ignored batch is 0, not NaN), and per-row upstream gradients
 for "none". Rows whose label is `ignore_index` have loss 0 and gradient 0.
 
-The forward pass does all the work. Each program owns one row: pass 1 streams the
-row through column blocks with an online (running max, running sum) softmax, so any
-number of classes works; pass 2 writes the gradient into its own buffer (never into
-the logits: an in-place write there corrupts anyone else who saved them). When the
-row fits one block (up to 8192 classes) it is read exactly once. Backward is then a
-no-op for the usual scalar upstream gradient of 1, or one multiply otherwise.
+The forward pass does all the work, and never waits for the GPU: no .item(), no
+data-dependent Python branch, so the CPU keeps queueing work and the pair is CUDA-graph
+capturable. Each program owns ROWS rows. Narrow rows (up to 8192 classes) are read once
+and held in registers; small class counts (10, 100) pack many rows into one program, so a
+training batch is one or a few programs. Wider rows stream through column blocks with an
+online (running max, running sum) softmax, then a second pass, which finds the row in L2,
+writes the gradient into its own buffer (never into the logits: an in-place write there
+corrupts anyone else who saved them). The row count for "mean" is computed on the device,
+inside the kernel when the batch is small. Backward scales the saved gradient by the
+upstream gradient in a tiny kernel that reads it on the device and does nothing when it is
+1 (the usual case), so no host synchronisation decides anything.
+
+Labels outside [0, C) (other than ignore_index): on the PyTorch path (CPU) a ValueError
+before any work; on the kernel path, where checking would cost a synchronisation, the
+row's loss and gradient are NaN, which surfaces in the loss, and with TRITON_DEBUG=1 a
+device-side assert names the problem.
 
 Dispatch: CUDA tensors run the Triton kernel. CPU tensors run the same kernel in the
 Triton interpreter when TRITON_INTERPRET=1 was set before `import triton` (that is how
@@ -31,8 +41,10 @@ except ImportError:  # PyTorch path only
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_SINGLE_BLOCK = 8192  # rows up to this many classes live in registers, read once
-MULTI_BLOCK = 4096       # column block for longer rows
+MAX_SINGLE_BLOCK = 8192     # rows up to this many classes live in registers, read once
+MULTI_BLOCK = 4096          # column block for longer rows
+TILE = 4096                 # elements one program holds for narrow rows: ROWS = TILE // BLOCK
+COUNT_IN_KERNEL = 1 << 20   # programs x rows up to this: each program counts the valid rows itself
 REDUCTIONS = ("none", "sum", "mean")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,53 +53,85 @@ if triton is not None:
     @triton.jit
     def _weighted_ce_kernel(
         x_ptr, x_stride_row, x_stride_col,  # logits (N, C), any strides
-        y_ptr, w_ptr,                       # labels (N,), weights (N,)
-        loss_ptr,                           # out: unweighted loss l_i, fp32 (N,)
+        y_ptr, w_ptr, count_ptr,            # labels (N,), weights (N,), valid-row count (1,) for MEAN
+        loss_ptr, wloss_ptr,                # out: l_i and s * w_i * l_i, fp32 (N,)
         g_ptr, g_stride_row,                # out: gradient (N, C), contiguous rows
-        n_cols, ignore_index, scale,        # scale s (see module docstring)
-        BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+        n_rows, n_cols, ignore_index,
+        MEAN: tl.constexpr, COUNT_HERE: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * x_stride_row
-        g_row = g_ptr + row * g_stride_row
-        y = tl.load(y_ptr + row)
-        valid = y != ignore_index
-        y = tl.where(valid, y, 0)
-        coef = tl.where(valid, tl.load(w_ptr + row).to(tl.float32) * scale, 0.0)
-        cols = tl.arange(0, BLOCK)
-        x_y = tl.load(x_row + y * x_stride_col).to(tl.float32)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = row_ok & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_cols)
+        tl.device_assert(in_range | ~valid, "weighted_cross_entropy: label out of range [0, C)")
+        bad = valid & ~in_range
+        y = tl.where(valid & in_range, y, 0)
+        scale = 1.0
+        if MEAN:  # s = 1 / max(valid rows, 1), never through the host
+            if COUNT_HERE:
+                n_valid = 0.0
+                for start in range(0, n_rows, 1024):
+                    offs = start + tl.arange(0, 1024)
+                    lab = tl.load(y_ptr + offs, mask=offs < n_rows, other=ignore_index)
+                    n_valid += tl.sum((lab != ignore_index).to(tl.float32), 0)
+            else:
+                n_valid = tl.load(count_ptr).to(tl.float32)
+            scale = 1.0 / tl.maximum(n_valid, 1.0)
+        coef = tl.where(valid, tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * scale, 0.0)
+        rows = rows.to(tl.int64)
+        x_rows = x_ptr + rows[:, None] * x_stride_row
+        g_rows = g_ptr + rows[:, None] * g_stride_row
+        x_y = tl.load(x_ptr + rows * x_stride_row + y * x_stride_col, mask=row_ok, other=0.0).to(tl.float32)
+        cols = tl.arange(0, BLOCK)[None, :]
 
         if SINGLE_BLOCK:
-            mask = cols < n_cols
-            x = tl.load(x_row + cols * x_stride_col, mask=mask, other=float("-inf")).to(tl.float32)
-            m = tl.max(x, 0)
-            e = tl.exp(x - m)
-            d = tl.sum(e, 0)
-            p = e / d
-            g = coef * (p - tl.where(cols == y, 1.0, 0.0))
-            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+            col_ok = cols < n_cols
+            x = tl.load(x_rows + cols * x_stride_col, mask=row_ok[:, None] & col_ok, other=0.0).to(tl.float32)
+            x = tl.where(col_ok, x, float("-inf"))
+            m = tl.max(x, 1)
+            e = tl.exp(x - m[:, None])
+            d = tl.sum(e, 1)
+            g = coef[:, None] * (e / d[:, None] - tl.where(cols == y[:, None], 1.0, 0.0))
+            g = tl.where(bad[:, None], float("nan"), g)
+            tl.store(g_rows + cols, g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
             lse = m + tl.log(d)
         else:
-            # pass 1: online softmax statistics, m = running max, d = sum exp(x - m)
-            m = float("-inf")
-            d = 0.0
+            # pass 1: online softmax statistics, m = running max, d = sum exp(x - m); keep the row in L2
+            m = tl.full([ROWS], float("-inf"), tl.float32)
+            d = tl.zeros([ROWS], tl.float32)
             for start in range(0, n_cols, BLOCK):
                 offs = start + cols
-                x = tl.load(x_row + offs * x_stride_col, mask=offs < n_cols,
-                            other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, 0))
-                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                x = tl.load(x_rows + offs * x_stride_col, mask=row_ok[:, None] & (offs < n_cols), other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)
+                x = tl.where(offs < n_cols, x, float("-inf"))
+                m_new = tl.maximum(m, tl.max(x, 1))
+                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
                 m = m_new
             lse = m + tl.log(d)
-            # pass 2: gradient coef * (softmax - onehot)
+            # pass 2: gradient coef * (softmax - onehot), the row read again (from L2) for the last time
             for start in range(0, n_cols, BLOCK):
                 offs = start + cols
-                mask = offs < n_cols
-                x = tl.load(x_row + offs * x_stride_col, mask=mask, other=0.0).to(tl.float32)
-                g = coef * (tl.exp(x - lse) - tl.where(offs == y, 1.0, 0.0))
-                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                mask = row_ok[:, None] & (offs < n_cols)
+                x = tl.load(x_rows + offs * x_stride_col, mask=mask, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+                g = coef[:, None] * (tl.exp(x - lse[:, None]) - tl.where(offs == y[:, None], 1.0, 0.0))
+                g = tl.where(bad[:, None], float("nan"), g)
+                tl.store(g_rows + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
-        tl.store(loss_ptr + row, tl.where(valid, lse - x_y, 0.0))
+        loss = tl.where(bad, float("nan"), tl.where(valid, lse - x_y, 0.0))
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        tl.store(wloss_ptr + rows, coef * loss, mask=row_ok)
+
+    @triton.jit
+    def _scale_by_upstream_kernel(g_ptr, n, up_ptr, BLOCK: tl.constexpr):
+        """g *= upstream gradient (a scalar on the device); nothing read or written when it is 1."""
+        up = tl.load(up_ptr).to(tl.float32)
+        if up != 1.0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            tl.store(g_ptr + offs, (g * up).to(g_ptr.dtype.element_ty), mask=offs < n)
 
 
 def _use_kernel(logits):
@@ -96,23 +140,28 @@ def _use_kernel(logits):
     return logits.is_cuda or (INTERPRET and logits.device.type == "cpu")
 
 
-def _launch(logits, labels, weights, scale, ignore_index):
+def _launch(logits, labels, weights, mean, ignore_index):
     n, c = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    wloss = torch.empty(n, dtype=torch.float32, device=logits.device)
     grad = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
     if n == 0:
-        return loss, grad
+        return loss, wloss, grad
     single = c <= MAX_SINGLE_BLOCK
     block = triton.next_power_of_2(c) if single else MULTI_BLOCK
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    _weighted_ce_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1), labels, weights, loss,
-        grad, grad.stride(0), c, ignore_index, scale,
-        BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps)
-    return loss, grad
+    rows = min(max(TILE // block, 1), triton.next_power_of_2(n)) if single else 1
+    programs = triton.cdiv(n, rows)
+    count_here = programs * n <= COUNT_IN_KERNEL
+    count = loss if not mean or count_here else (labels != ignore_index).sum()  # loss: an unused placeholder
+    num_warps = 4 if rows * block <= 2048 else (8 if rows * block <= 8192 else 16)
+    _weighted_ce_kernel[(programs,)](
+        logits, logits.stride(0), logits.stride(1), labels, weights, count, loss, wloss,
+        grad, grad.stride(0), n, c, ignore_index,
+        MEAN=mean, COUNT_HERE=count_here, ROWS=rows, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps)
+    return loss, wloss, grad
 
 
-def _torch_path(logits, labels, weights, scale, ignore_index):
+def _torch_path(logits, labels, weights, mean, ignore_index):
     """Same buffers as the kernel, in PyTorch (CPU without the interpreter, float64)."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(acc)
@@ -122,12 +171,15 @@ def _torch_path(logits, labels, weights, scale, ignore_index):
     loss = torch.where(valid, lse - x.gather(1, y[:, None]).squeeze(1), torch.zeros_like(lse))
     p = torch.exp(x - lse[:, None])
     p.scatter_add_(1, y[:, None], -torch.ones_like(lse)[:, None])
+    scale = 1.0 / valid.sum().clamp(min=1).to(acc) if mean else 1.0
     coef = torch.where(valid, weights.to(acc) * scale, torch.zeros_like(lse))
-    return loss.float() if acc == torch.float32 else loss, (p * coef[:, None]).to(logits.dtype)
+    loss = loss.float() if acc == torch.float32 else loss
+    return loss, coef.to(loss.dtype) * loss, (p * coef[:, None]).to(logits.dtype)
 
 
-def _check(logits, labels, weights, reduction, ignore_index):
-    """Raises on bad input; returns the number of non-ignored rows. One host sync in all."""
+def _check(logits, labels, weights, reduction, ignore_index, kernel):
+    """Raises on bad input. Shapes, dtypes and devices only, except on the PyTorch path, where
+    the labels are on the CPU and their range is checked too (free there)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.dim() != 2:
@@ -145,29 +197,26 @@ def _check(logits, labels, weights, reduction, ignore_index):
                          f"{logits.device}, {labels.device}, {weights.device}")
     if c == 0:
         raise ValueError("logits have no classes (C = 0)")
-    valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= c))
-    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
-    if n_bad:
-        raise ValueError(f"labels out of range [0, {c}) (ignore_index={ignore_index}): "
-                         f"{labels[bad][:5].tolist()}")
-    return n_valid
+    if not kernel and labels.device.type == "cpu":
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
+        if bad.any():
+            raise ValueError(f"labels out of range [0, {c}) (ignore_index={ignore_index}): "
+                             f"{labels[bad][:5].tolist()}")
 
 
 class WeightedCrossEntropy(torch.autograd.Function):
     """autograd.Function around the fused forward; backward only rescales saved buffers."""
 
     @staticmethod
-    def forward(ctx, logits, labels, weights, reduction, ignore_index, n_valid):
+    def forward(ctx, logits, labels, weights, reduction, ignore_index):
         labels = labels.long().contiguous()
         w = weights.detach().contiguous()
-        scale = 1.0 if reduction != "mean" else (1.0 / n_valid if n_valid > 0 else 0.0)
-        run = _launch if _use_kernel(logits) else _torch_path
-        loss, grad = run(logits, labels, w, scale, ignore_index)
-        weighted = w.to(loss.dtype) * loss
-        out = weighted if reduction == "none" else weighted.sum() * scale
-        ctx.save_for_backward(grad, loss)
-        ctx.reduction, ctx.scale, ctx.w_dtype = reduction, scale, weights.dtype
+        kernel = _use_kernel(logits)
+        loss, wloss, grad = (_launch if kernel else _torch_path)(logits, labels, w, reduction == "mean", ignore_index)
+        out = wloss if reduction == "none" else wloss.sum()
+        ctx.save_for_backward(grad, loss, labels)
+        ctx.reduction, ctx.ignore_index, ctx.kernel, ctx.w_dtype = reduction, ignore_index, kernel, weights.dtype
+        ctx.used = False
         ctx.mark_non_differentiable(loss)
         return out, loss
 
@@ -176,7 +225,7 @@ class WeightedCrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: refuse rather than return wrong numbers
             raise RuntimeError("weighted_cross_entropy does not support double backward "
                                "(create_graph=True); use F.cross_entropy for higher-order gradients")
-        grad, loss = ctx.saved_tensors
+        grad, loss, labels = ctx.saved_tensors
         g_logits = g_w = None
         if ctx.reduction == "none":
             if ctx.needs_input_grad[0]:
@@ -184,12 +233,23 @@ class WeightedCrossEntropy(torch.autograd.Function):
             row_scale = grad_out
         else:
             if ctx.needs_input_grad[0]:
-                unit = grad_out.numel() == 1 and bool(grad_out == 1)
-                g_logits = grad if unit else grad * grad_out.to(grad.dtype)
-            row_scale = grad_out * ctx.scale
+                if ctx.kernel:  # in place: the saved gradient serves one backward
+                    if ctx.used:
+                        raise RuntimeError("weighted_cross_entropy: a second backward through the same call "
+                                           "(retain_graph=True) is not supported; call it again instead")
+                    ctx.used = True
+                    block = 1024
+                    _scale_by_upstream_kernel[(triton.cdiv(grad.numel(), block),)](
+                        grad, grad.numel(), grad_out.reshape(1), BLOCK=block)
+                    g_logits = grad
+                else:
+                    g_logits = grad * grad_out.to(grad.dtype)
+            row_scale = grad_out
+            if ctx.reduction == "mean":
+                row_scale = grad_out / (labels != ctx.ignore_index).sum().clamp(min=1).to(grad_out.dtype)
         if ctx.needs_input_grad[2]:
             g_w = (loss * row_scale).to(ctx.w_dtype)
-        return g_logits, None, g_w, None, None, None
+        return g_logits, None, g_w, None, None
 
 
 def weighted_cross_entropy(logits, labels, weights, reduction="mean", ignore_index=-100,
@@ -202,8 +262,9 @@ def weighted_cross_entropy(logits, labels, weights, reduction="mean", ignore_ind
     With return_losses=True also returns the unweighted per-row losses l_i (fp32,
     detached, 0 on ignored rows), which the training loop needs anyway.
     If `weights` requires grad, its gradient is the unweighted loss l_i (times the
-    reduction's scale). Double backward is not supported and raises.
+    reduction's scale). Double backward is not supported and raises. No host
+    synchronisation on the kernel path (see the module docstring for bad labels there).
     """
-    n_valid = _check(logits, labels, weights, reduction, ignore_index)
-    out, losses = WeightedCrossEntropy.apply(logits, labels, weights, reduction, ignore_index, n_valid)
+    _check(logits, labels, weights, reduction, ignore_index, _use_kernel(logits))
+    out, losses = WeightedCrossEntropy.apply(logits, labels, weights, reduction, ignore_index)
     return (out, losses) if return_losses else out

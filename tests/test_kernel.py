@@ -79,11 +79,10 @@ def test_kernel_and_pytorch_path_agree():
     """The CPU fallback and the kernel give the same buffers (so CPU users get the same semantics)."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     logits, labels, weights = make_case(50, 130, torch.float32, "random", True, 0.3, gen)
-    scale = 1 / 7
-    loss_k, grad_k = weighted_ce._launch(logits, labels, weights, scale, -100)
-    loss_t, grad_t = weighted_ce._torch_path(logits, labels, weights, scale, -100)
-    torch.testing.assert_close(loss_k, loss_t)
-    torch.testing.assert_close(grad_k, grad_t)
+    for mean in (True, False):
+        for k, t in zip(weighted_ce._launch(logits, labels, weights, mean, -100),
+                        weighted_ce._torch_path(logits, labels, weights, mean, -100)):
+            torch.testing.assert_close(k, t)
 
 
 def test_float64_path_passes_gradcheck():
@@ -121,8 +120,9 @@ def test_double_backward_raises():
 
 
 @pytest.mark.parametrize("args,err", [
-    ((torch.randn(4, 3), torch.tensor([0, 1, 3, 0]), torch.rand(4)), "out of range"),
-    ((torch.randn(4, 3), torch.tensor([0, 1, -1, 0]), torch.rand(4)), "out of range"),
+    # the PyTorch path (here: float64) checks label ranges on the CPU, where it costs nothing
+    ((torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 3, 0]), torch.rand(4)), "out of range"),
+    ((torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, -1, 0]), torch.rand(4)), "out of range"),
     ((torch.randn(4, 3), torch.tensor([0, 1, 2]), torch.rand(4)), "shape"),
     ((torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.rand(5)), "shape"),
     ((torch.randn(12), torch.tensor([0, 1, 2, 0]), torch.rand(4)), "2-D"),
@@ -135,3 +135,74 @@ def test_clear_errors(args, err):
         weighted_cross_entropy(*args)
     with pytest.raises(ValueError, match="reduction"):
         weighted_cross_entropy(torch.randn(2, 2), torch.tensor([0, 1]), torch.rand(2), reduction="avg")
+
+
+@pytest.mark.parametrize("bad_label", [3, -1])
+def test_kernel_path_marks_a_bad_label_nan_and_keeps_the_other_rows(bad_label):
+    """The kernel path does not check labels on the host (that would synchronise): the bad
+    row's loss and gradient are NaN, so the loss shows it; every other row is exact."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(5, 3, generator=gen, requires_grad=True)
+    y = torch.tensor([0, 1, bad_label, 2, -100])
+    w = torch.rand(5, generator=gen)
+    out, losses = weighted_cross_entropy(x, y, w, reduction="none", return_losses=True)
+    out.sum().backward()
+    assert torch.isnan(losses[2]) and torch.isnan(x.grad[2]).all()
+    ok = torch.tensor([True, True, False, True, True])
+    ref, x64, _ = reference(x[ok], y[ok], w[ok], "none")
+    ref.sum().backward()
+    torch.testing.assert_close(out[ok].double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad[ok].double(), x64.grad, rtol=1e-5, atol=1e-6)
+    assert torch.isnan(weighted_cross_entropy(x.detach(), y, w))  # the mean shows it
+
+
+@pytest.mark.parametrize("n,c", [(128, 10), (128, 100), (300, 1000), (3, 9000)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kernel_path_never_synchronises_with_the_host(monkeypatch, n, c, reduction):
+    """Forward and backward of the kernel path with every way of reading a tensor's value on
+    the host disabled: .item(), .tolist(), bool(), and Python number conversions raise."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    logits, labels, weights = make_case(n, c, torch.float32, "random", True, 0.1, gen)
+    x = logits.clone().requires_grad_()
+    w = weights.clone().requires_grad_()
+    up = torch.randn(n if reduction == "none" else (), generator=gen)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation on the kernel path")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out, losses = weighted_cross_entropy(x, labels, w, reduction=reduction, return_losses=True)
+    out.backward(up)
+    monkeypatch.undo()
+    ref, x64, w64 = reference(logits, labels, weights, reduction)
+    (ref * up.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+@pytest.mark.parametrize("c", [100, 32000])
+def test_forward_and_backward_capture_in_a_cuda_graph(c):
+    torch.manual_seed(torch.seed() % 2**31)
+    x = torch.randn(64, c, device="cuda", requires_grad=True)
+    y = torch.randint(0, c, (64,), device="cuda")
+    w = torch.rand(64, device="cuda")
+    for _ in range(2):  # warm-up on a side stream, as CUDA graphs require
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            x.grad = None
+            weighted_cross_entropy(x, y, w).backward()
+        torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = weighted_cross_entropy(x, y, w)
+        loss.backward()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    ref, x64, _ = reference(x.detach().cpu(), y.cpu(), w.cpu(), "mean")
+    ref.backward()
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by kernels
 from kernels import weighted_cross_entropy  # noqa: E402
 
-SHAPES = [(128, 100), (1024, 100), (4096, 1000), (8192, 32000)]
+SHAPES = [(128, 10), (128, 100), (1024, 100), (4096, 1000), (8192, 32000)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
