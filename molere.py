@@ -623,20 +623,26 @@ def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
 
 
 def splitter_step(run, data, cfg, stats, val_idx):
-    """SPEC section 2: one update of Theta, scored like the split itself (eval mode, no
-    augmentation, so 'correct' and l_i are the classifier's clean verdicts), in ONE forward:
-      CE(P_Theta(train), 1[y_hat = y]) - l_val    on a batch of the current S_val (the paper's
-                                                  update; --splitter-data all: on the pool batch)
-      lambda_size R_size + lambda_bal R_bal        on a batch drawn from all of S"""
+    """SPEC section 2: one update of Theta from ONE eval-mode forward of B images, scored like the
+    split itself (no augmentation, so 'correct' and l_i are the classifier's clean verdicts):
+      CE(P_Theta(train), 1[y_hat = y]) - l_val    on B/2 images of the current S_val (the paper's
+                                                  update; --splitter-data all: on B images of S)
+      lambda_size R_size + lambda_bal R_bal        on B/2 images drawn from all of S (all: the same B)"""
     B = cfg.batch_size
-    pool = torch.randint(len(data.y), (B,), device=run.device)
-    idx = pool if cfg.splitter_data == "all" else torch.cat([val_idx[torch.randint(len(val_idx), (B,), device=run.device)], pool])
+    if cfg.splitter_data == "all":
+        idx = torch.randint(len(data.y), (B,), device=run.device)
+        game = reg = slice(None)
+    else:
+        n_val = B - B // 2
+        idx = torch.cat([val_idx[torch.randint(len(val_idx), (n_val,), device=run.device)],
+                         torch.randint(len(data.y), (B // 2,), device=run.device)])
+        game, reg = slice(None, n_val), slice(n_val, None)
     y = data.y[idx]
-    logits, h = predict(run.fwd, data, data.x[idx], chunk=len(idx))
+    logits, h = predict(run.fwd, data, data.x[idx], chunk=B)
     logit = run.splitter(h, y)
-    fit, l_val = splitter_game_terms(logit[:B], logits[:B].argmax(1) == y[:B],
-                                     F.cross_entropy(logits[:B], y[:B], reduction="none"))
-    r_size, r_bal = splitter_regularizers(logit[-B:], y[-B:], cfg.delta, data.classes)
+    fit, l_val = splitter_game_terms(logit[game], logits[game].argmax(1) == y[game],
+                                     F.cross_entropy(logits[game], y[game], reduction="none"))
+    r_size, r_bal = splitter_regularizers(logit[reg], y[reg], cfg.delta, data.classes)
     loss = fit - l_val + cfg.lambda_size * r_size + cfg.lambda_bal * r_bal
     run.opt_split.zero_grad(set_to_none=True)
     loss.backward()

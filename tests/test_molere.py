@@ -467,8 +467,9 @@ def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("splitter_data", ["val", "all"])
 def test_splitter_game_terms_see_only_validation_images(monkeypatch, splitter_data):
-    """SPEC section 2: CE and -l_val on a batch of the current S_val, the regularisers on a batch
-    of S (--splitter-data val); the old reading puts all four terms on the pool batch."""
+    """SPEC section 2: CE and -l_val on images of the current S_val, the regularisers on images
+    drawn from S, in one forward of one batch (--splitter-data val); the old reading puts all
+    four terms on one batch of S."""
     seed = fresh_seed()
     cfg, data, run = small_run("molere", seed, splitter_data=splitter_data, batch_size=30)
     run.val_mask = molere.random_split(data, cfg.delta, seed)
@@ -484,12 +485,12 @@ def test_splitter_game_terms_see_only_validation_images(monkeypatch, splitter_da
     (x,) = seen  # one classifier forward for the whole step
     val_images = {bytes(img.numpy()) for img in data.x[val_idx]}
     in_val = torch.tensor([bytes(img.numpy()) in val_images for img in x])
-    assert parts == {"game": 30, "reg": 30}
+    assert len(x) == 30  # one forward of one batch
     if splitter_data == "val":
-        assert len(x) == 60 and in_val[:30].all()
-        assert not in_val[30:].all()  # the pool batch is drawn from all of S (40 of 400 are S_val)
+        assert parts == {"game": 15, "reg": 15} and in_val[:15].all()
+        assert not in_val[15:].all()  # the pool half is drawn from all of S (40 of 400 are S_val)
     else:
-        assert len(x) == 30 and not in_val.all()
+        assert parts == {"game": 30, "reg": 30} and not in_val.all()
 
 
 def test_torn_result_record_is_skipped_and_reported_again(tmp_path, capsys):

@@ -13,12 +13,13 @@ echo "== kernel benchmark"
 timeout 180 "$PY" -m tools.kernel_bench 2>&1 | tee -a "$log"
 echo "== WRN-28-10 step throughput, batch 128, bf16, channels_last; 200 MOLERE steps NaN check"
 timeout 240 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --repeats 2 --device cuda \
-  --check-nan 200 2>&1 | tee -a "$log"
+  --check-nan 200 --profile 2>&1 | tee -a "$log"
 echo
 echo "| check | result |"
 echo "|---|---|"
 echo "| card | $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) |"
 grep -h "^SUMMARY" "$log" | sed 's/^SUMMARY \([^:]*\): \(.*\)$/| \1 | \2 |/'
-grep -h "^| erm \|^| molere " "$log" | sed 's/^| \([a-z]*\) | \([^|]*\) | \([^|]*\) |.*$/| \1 step: s\/step, images\/s | \2 \/ \3 |/'
+grep -h "^| erm\|^| molere " "$log" | sed 's/^| \([a-z, A-Z]*[a-zA-Z]\) *| \([^|]*\) | \([^|]*\) |.*$/| \1 step: s\/step, images\/s | \2 \/ \3 |/'
+grep -h " ms |$" "$log" || true
 grep -h "parameters finite\|time ratio" "$log" | sed 's/^\(.*\): \(.*\)$/| \1 | \2 |/'
 rm -f "$log"
