@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
@@ -193,6 +194,21 @@ def download_cifar(root, name):
         socket.setdefaulttimeout(old)
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR pickle without running anything from the file: only the globals that the
+    real files use (numpy arrays and dtypes, and bytes as Python 3 pickles them) are admitted.
+    Everything else (os.system, eval, any class) is refused before it is looked up."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR file holds only "
+                                         f"dicts, lists, strings, bytes, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
 def read_cifar_pickles(folder, files, label_key, classes):
     """Our own reader for the python-pickle CIFAR layout: dict with 'data' (n x 3072 uint8,
     R plane, G plane, B plane) and a list of integer labels."""
@@ -201,7 +217,7 @@ def read_cifar_pickles(folder, files, label_key, classes):
         path = os.path.join(folder, f)
         try:
             with open(path, "rb") as fh:
-                d = pickle.load(fh, encoding="latin1")
+                d = CifarUnpickler(fh, encoding="latin1").load()
             x = np.asarray(d["data"], dtype=np.uint8)
             y = np.asarray(d[label_key], dtype=np.int64)
         except Exception as e:
@@ -1051,6 +1067,10 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                   f"({result['wall_time_s']:.0f}s)", flush=True)
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # `kill` (SIGTERM) ends a run like Ctrl-C: checkpoints kept, one message
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -1076,6 +1096,8 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, interrupt)
     results_path = os.path.join(rt.out, "results.jsonl")
     if args.report:
         print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
