@@ -577,6 +577,5 @@ def test_a_cifar_pickle_that_would_run_code_is_refused(tmp_path, capsys, monkeyp
     assert e.value.code == 2 and "data_batch_2 is not a readable CIFAR pickle" in err and "refused to load posix.system" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "ran").exists()
     with open(os.path.join(folder, "data_batch_2"), "rb") as f:  # the check can fail: plain pickle runs it
-        with pytest.raises(Exception):
-            pickle.load(f)
+        pickle.load(f)
     assert (tmp_path / "ran").exists()
