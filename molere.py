@@ -1071,7 +1071,9 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt  # `kill` (SIGTERM) ends a run like Ctrl-C: checkpoints kept, one message
 
 
-def main(argv=None):
+def setup(argv=None):
+    """Everything checked before any work: the flags (Config), then the data, the split sizes,
+    existing checkpoints and --out. Returns (args, cfg, rt, data); bad input ends in one line."""
     args = build_parser().parse_args(argv)
     try:
         cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
@@ -1086,26 +1088,15 @@ def main(argv=None):
                               f"split (--epochs {cfg.epochs}): lower it")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device} asked for, but torch sees no CUDA device")
-    except UserError as e:
-        fail(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
-    if __name__ == "__main__":
-        signal.signal(signal.SIGTERM, interrupt)
-    results_path = os.path.join(rt.out, "results.jsonl")
-    if args.report:
-        print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
-        return
-    plan = plan_of(args.method)
-    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device if args.device != "auto" else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
+        if args.report:
+            return args, cfg, rt, None
         data = load_data(cfg, device, args.data_root, not args.no_download)
-        check_plan(cfg, rt, plan, args.seeds, data)
+        check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
         try:
             os.makedirs(rt.out, exist_ok=True)
             with open(os.path.join(rt.out, ".write-test"), "w"):
@@ -1113,10 +1104,31 @@ def main(argv=None):
             os.remove(os.path.join(rt.out, ".write-test"))
         except OSError as e:
             raise UserError(f"--out {rt.out} cannot be created or written ({e.strerror or e})")
-        print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
-              f"WRN-{cfg.depth}-{cfg.width} on {device_name(device)}; config {cfg.hash()}; "
-              f"results -> {results_path}", flush=True)
-        run_plan(cfg, rt, plan, args.seeds, data, EpochBudget(args.stop_after))
+    except UserError as e:
+        fail(str(e))
+    return args, cfg, rt, data
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # `kill` (SIGTERM) ends a run like Ctrl-C: checkpoints kept, one message
+
+
+def main(argv=None):
+    args, cfg, rt, data = setup(argv)
+    results_path = os.path.join(rt.out, "results.jsonl")
+    if args.report:
+        print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
+        return
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, interrupt)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
+          f"WRN-{cfg.depth}-{cfg.width} on {device_name(rt.device)}; config {cfg.hash()}; "
+          f"results -> {results_path}", flush=True)
+    try:
+        run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after))
     except UserError as e:
         fail(str(e))
     except StopAfter:

@@ -2,7 +2,8 @@
 # One entry point for everything the README promises.
 #   bash reproduce.sh              every method on the synthetic set, CPU, under 3 minutes, then the table
 #   bash reproduce.sh test         the test suite (what CI runs)
-#   bash reproduce.sh cifar100     the paper's CIFAR-100 / WRN-28-10 experiment (needs a GPU; --force to try anyway)
+#   bash reproduce.sh cifar100     the paper's CIFAR-100 / WRN-28-10 experiment (needs a GPU; --force to try anyway;
+#                                  --gpus N spreads its 18 runs over N GPUs)
 #   bash reproduce.sh cifar10      the same recipe on CIFAR-10
 #   bash reproduce.sh cifar10-cpu  the CPU study of RESULTS.md section 1 (resumable), then its tables and figures
 #   bash reproduce.sh bench        kernel benchmark, then ERM vs MOLERE step time (last line: the ratio)
@@ -52,8 +53,13 @@ case "$cmd" in
     exec "$PY" -m pytest -q tests "$@" ;;
   cifar100|cifar10)
     need_gpu "$cmd"
-    exec "$PY" molere.py --dataset "$cmd" --data-root data --method all --seeds 0 1 2 \
-      --out "runs/$cmd" --resume "${ARGS[@]+"${ARGS[@]}"}" ;;
+    gpus=0 kept=()  # --gpus N: the 15 runs spread over N GPUs by tools/schedule.py
+    while [ ${#ARGS[@]} -gt 0 ]; do
+      if [ "${ARGS[0]}" = "--gpus" ]; then gpus=${ARGS[1]:-}; ARGS=("${ARGS[@]:2}"); else kept+=("${ARGS[0]}"); ARGS=("${ARGS[@]:1}"); fi
+    done
+    run=(--dataset "$cmd" --data-root data --method all --seeds 0 1 2 --out "runs/$cmd" --resume "${kept[@]+"${kept[@]}"}")
+    if [ "$gpus" != 0 ]; then exec "$PY" -m tools.schedule --workers "$gpus" -- "${run[@]}"; fi
+    exec "$PY" molere.py "${run[@]}" ;;
   cifar10-cpu)
     root=${DATA_ROOT:-../shared/data}
     "$PY" molere.py --data-root "$root" "${CIFAR10_CPU[@]}" "$@"

@@ -579,3 +579,28 @@ def test_a_cifar_pickle_that_would_run_code_is_refused(tmp_path, capsys, monkeyp
     with open(os.path.join(folder, "data_batch_2"), "rb") as f:  # the check can fail: plain pickle runs it
         pickle.load(f)
     assert (tmp_path / "ran").exists()
+
+
+def test_scheduler_with_two_cpu_workers_gives_the_serial_results(tmp_path):
+    """tools/schedule.py runs each (method, seed) as its own molere.py process, two at a time;
+    the records must equal those of one serial molere.py run of the same plan."""
+    argv = ["--dataset", "synthetic", "--train-subset", "200", "--method", "all", "--epochs", "2",
+            "--seeds", "0", "--device", "cpu", "--threads", "1"] + TINY
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    serial = subprocess.run([sys.executable, "molere.py"] + argv + ["--out", str(tmp_path / "serial")],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert serial.returncode == 0, serial.stderr
+    par = subprocess.run([sys.executable, "-m", "tools.schedule", "--workers", "2", "--"] + argv +
+                         ["--out", str(tmp_path / "par")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert par.returncode == 0, par.stdout + par.stderr
+    lines = par.stdout.splitlines()
+    assert all(line.startswith("[") for line in lines[1:] if line and not line.startswith(("|", "results on")))
+    assert "| molere | 1 |" in par.stdout  # the table at the end
+    a, b = ({(r["method"], r["seed"]): r for r in molere.read_results(str(tmp_path / d / "results.jsonl"))}
+            for d in ("serial", "par"))
+    assert set(a) == set(b) == {(m, 0) for m in molere.METHODS}
+    for k in a:
+        assert a[k]["test_acc"] == b[k]["test_acc"] and a[k]["test_margins"] == b[k]["test_margins"], k
+    erm_end = max(i for i, line in enumerate(lines) if line.startswith("[erm seed 0] epoch 2/2"))
+    hard_start = min(i for i, line in enumerate(lines) if line.startswith("[lrw-hard seed 0]"))
+    assert erm_end < hard_start  # ERM finished before the margins were taken
