@@ -44,12 +44,17 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # n
 
 # ----------------------------------------------------------------------------- config
 
-METHODS = ("erm", "erm-tr", "lrw-random", "lrw-easy", "lrw-hard", "molere")
+METHODS = ("erm", "erm-tr", "lrw-random", "lrw-easy", "lrw-hard", "molere", "mwn")
+ALL = METHODS[:-1]  # what --method all runs: the paper's methods and the control
 CONTROLS = {"erm-tr": "ERM on S_tr of LRW-Random's split: the price of holding delta of S out (SPEC section 4)"}
+BASELINES = {"mwn": "Meta-Weight-Net (Shu et al. 2019): weight from the per-sample loss, meta step every step"}
 DATASETS = ("synthetic", "cifar10", "cifar100")
 # The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 6).
 # Printed beside our numbers, labelled as the paper's; never used as a result.
 PAPER_GAIN_CIFAR100 = {"lrw-easy": -0.31, "lrw-random": 0.57, "lrw-hard": 1.72, "molere": 1.96}
+# The paper's Table 2: CIFAR-100 test accuracy (%) under class skew rho = 200/50/10/1 (SPEC section 6).
+PAPER_TABLE2 = {"molere": {200: 42.33, 50: 50.77, 10: 63.28, 1: 75.12},
+                "mwn": {200: 40.11, 50: 48.67, 10: 61.32, 1: 74.23}}
 
 
 class UserError(Exception):
@@ -70,6 +75,12 @@ class ConfigMismatch(UserError):
 
 def knob(default, help):
     return field(default=default, metadata={"help": help})
+
+
+def _number(text):
+    with contextlib.suppress(ValueError):
+        return float(text)
+    return None
 
 
 @dataclass(frozen=True)
@@ -105,8 +116,21 @@ class Config:
     splitter_data: str = knob("val", "val (CE and -l_val on a batch of the current S_val, as the paper's update) | "
                                      "all (on a batch of S, the first study's reading)")
     augment: bool = knob(True, "random crop and flip for training and validation batches")
+    # the paper's other settings (its Tables 2 and 3) and the MW-Net baseline
+    arch: str = knob("wrn", "wrn (Wide-ResNet --depth/--width/--dropout) | resnet32 (He et al.'s CIFAR "
+                            "ResNet-32, 0.46M parameters, as the class-skew and noise literature uses)")
+    imbalance: float = knob(1.0, "class skew rho of the pool: n_c = n_max * rho^(-c/(C-1)), class 0 largest "
+                                 "(1: as given)")
+    noise: str = knob("none", "label noise on the pool, fixed for every seed: none | uniform:p (to another "
+                              "class, uniformly) | pair:p (to the next class)")
+    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images with their "
+                                  "true labels: the fixed S_val of every reweighting method but MOLERE)")
 
-    def __post_init__(self):
+    def __post_init__(self):  # numbers as the CLI gives them, so Config(dropout=0) is Config(dropout=0.0)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         bad = self.problem()
         if bad:
@@ -140,10 +164,25 @@ class Config:
             return "--lambda-size and --lambda-bal must be finite and non-negative"
         if not 0 <= self.dropout < 1 or self.warmup_epochs < 0 or self.train_subset < 0:
             return "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"
+        if self.arch not in ("wrn", "resnet32"):
+            return f"--arch must be wrn or resnet32, got {self.arch!r}"
+        if not 1 <= self.imbalance < math.inf:
+            return f"--imbalance is a ratio n_max / n_min, at least 1, got {self.imbalance}"
+        kind, _, p = self.noise.partition(":")
+        if self.noise != "none" and not (kind in ("uniform", "pair") and _number(p) is not None and 0 < float(p) < 1):
+            return f"--noise must be none, uniform:p or pair:p with p in (0, 1), got {self.noise!r}"
+        kind, _, n = self.meta_set.partition(":")
+        if self.meta_set != "split" and not (kind == "clean" and n.isdigit() and int(n) > 0):
+            return f"--meta-set must be split or clean:N with N >= 1, got {self.meta_set!r}"
         return None
 
+    LATER = ("arch", "imbalance", "noise", "meta_set")  # added after results were recorded
+
     def as_dict(self):
-        return json.loads(json.dumps(asdict(self)))  # what a checkpoint or result line holds
+        """What a checkpoint or result line holds, and what identifies a run. Fields added later
+        are left out while at their defaults, so earlier records and checkpoints still match."""
+        d = json.loads(json.dumps(asdict(self)))
+        return {k: v for k, v in d.items() if k not in self.LATER or v != Config.__dataclass_fields__[k].default}
 
     def hash(self):
         return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:10]
@@ -283,18 +322,41 @@ def balanced_subset(y, n, classes):
     return perm[rank < math.ceil(n / classes)][:n].sort().values
 
 
+def long_tail(y, rho, classes):
+    """Indices of a long-tailed pool: class c keeps n_c = n_max * rho^(-c/(C-1)) of its images
+    (class 0 largest), chosen by a fixed permutation, the same for every seed and method."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    n_max = int(torch.bincount(y, minlength=classes).min())
+    keep = [perm[y[perm] == c][:max(1, int(n_max * rho ** (-c / max(classes - 1, 1))))] for c in range(classes)]
+    return torch.cat(keep).sort().values
+
+
+def add_noise(y, noise, classes):
+    """Label noise, drawn once with a fixed generator: `uniform:p` moves a p-fraction of labels
+    to another class chosen uniformly, `pair:p` to the next class. Returns the new labels."""
+    kind, p = noise.split(":")
+    g = torch.Generator().manual_seed(2)
+    flip = torch.rand(len(y), generator=g) < float(p)
+    shift = torch.randint(1, classes, (len(y),), generator=g) if kind == "uniform" else torch.ones_like(y)
+    return torch.where(flip, (y + shift) % classes, y)
+
+
 @dataclass
 class Data:
     x: torch.Tensor        # pool S, uint8 (N, 3, 32, 32), on the device
-    y: torch.Tensor        # int64 (N,)
+    y: torch.Tensor        # int64 (N,), the labels training sees (noisy under --noise)
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: int
     mean: torch.Tensor     # per-channel pixel statistics of S, for normalisation
     std: torch.Tensor
+    y_true: torch.Tensor = None     # labels before --noise
+    meta_mask: torch.Tensor = None  # --meta-set clean:N: the fixed clean S_val
 
 
 def load_data(cfg, device, data_root="data", download=True):
+    """The pool S (subset, class skew, noise, clean meta set: each fixed for every seed) and the
+    untouched test split, on the device."""
     if cfg.dataset == "synthetic":
         x, y, xt, yt, classes = make_synthetic()
     else:
@@ -304,11 +366,27 @@ def load_data(cfg, device, data_root="data", download=True):
             raise DataError(f"--train-subset {cfg.train_subset} exceeds the {len(y)} training images")
         keep = balanced_subset(y, cfg.train_subset, classes)
         x, y = x[keep], y[keep]
+    if cfg.imbalance > 1:
+        keep = long_tail(y, cfg.imbalance, classes)
+        x, y = x[keep], y[keep]
+    y_true = y
+    if cfg.noise != "none":
+        y = add_noise(y, cfg.noise, classes)
+    meta_mask = None
+    if cfg.meta_set != "split":
+        n = int(cfg.meta_set.split(":")[1])
+        counts = torch.bincount(y_true, minlength=classes)
+        if n < classes or n > int(counts.min()) * classes // 2:
+            raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
+                            f"{int(counts.min()) * classes // 2} (half the smallest class, times {classes})")
+        meta_mask = torch.zeros(len(y), dtype=torch.bool)
+        meta_mask[balanced_subset(y_true, n, classes)] = True
+        y = torch.where(meta_mask, y_true, y)  # the meta set keeps its true labels
     xf = x.float() / 255
     mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
-    dev = lambda t: t.to(device)
-    return Data(dev(x), dev(y), dev(xt), dev(yt), classes,
-                dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)))
+    dev = lambda t: None if t is None else t.to(device)
+    return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
+                dev(y_true), dev(meta_mask))
 
 
 def get_batch(data, idx, augment, x=None):
@@ -379,6 +457,48 @@ class WideResNet(nn.Module):
         return self.fc(h), h
 
 
+class ResNet32(nn.Module):
+    """He et al.'s CIFAR ResNet-32 (--arch resnet32): 3 stages of 5 post-activation basic blocks,
+    16/32/64 channels, parameter-free shortcuts (stride 2, zero-padded channels): 0.46M
+    parameters. Like WideResNet, forward returns (logits, h) and `features` is h's width."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for i, cout in enumerate((16, 32, 64)):
+            for j in range(5):
+                stride = 2 if i and not j else 1
+                layers.append(nn.ModuleDict(dict(
+                    conv1=nn.Conv2d(cin, cout, 3, stride, 1, bias=False), bn1=nn.BatchNorm2d(cout),
+                    conv2=nn.Conv2d(cout, cout, 3, 1, 1, bias=False), bn2=nn.BatchNorm2d(cout))))
+                cin = cout
+        self.layers = nn.ModuleList(layers)
+        self.fc = nn.Linear(64, classes)
+        self.features = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        for b in self.layers:
+            y = F.relu(b.bn1(b.conv1(x)))
+            y = b.bn2(b.conv2(y))
+            if y.shape != x.shape:  # downsample, and pad the new channels with zeros
+                x = x[:, :, ::2, ::2]
+                x = F.pad(x, (0, 0, 0, 0, (y.shape[1] - x.shape[1]) // 2, (y.shape[1] - x.shape[1]) // 2))
+            x = F.relu(y + x)
+        h = x.mean((2, 3))
+        return self.fc(h), h
+
+
+def make_model(cfg, classes):
+    if cfg.arch == "resnet32":
+        return ResNet32(classes)
+    return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
+
+
 @torch.no_grad()
 def predict(net, data, x, chunk=1000):
     """Eval mode, no augmentation: logits (fp32) and features for every image of x."""
@@ -428,6 +548,27 @@ class SampleNet(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             h = F.layer_norm(h.detach().to(dtype), h.shape[1:])
             return self.net(torch.cat([h, F.one_hot(y, self.classes).to(dtype)], 1)).squeeze(1)
+
+
+class LossNet(nn.Module):
+    """Meta-Weight-Net's weight net (--method mwn): an MLP 1-hidden-1 on the detached per-sample
+    loss, called like SampleNet as net(h, y) with h = the loss column; y is not used."""
+
+    def __init__(self, hidden=100):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, h, y):
+        with torch.autocast(h.device.type, enabled=False):
+            return self.net(h.detach().to(self.net[0].weight.dtype)).squeeze(1)
+
+
+def meta_input(run, h, logits, y):
+    """What g_phi sees: the features h (SampleNet), or for MW-Net the per-sample loss, detached
+    either way, so w does not depend on theta in the graph and the fast meta-gradient holds."""
+    if run.method == "mwn":
+        return F.cross_entropy(logits.detach().float(), y, reduction="none")[:, None]
+    return h
 
 
 def kl(p, q, eps=1e-12):
@@ -566,12 +707,12 @@ class Run:
     def __init__(self, cfg, method, seed, data, device, compile=False):
         torch.manual_seed(seed)
         self.method, self.seed, self.device = method, seed, device
-        self.model = WideResNet(cfg.depth, cfg.width, data.classes, cfg.dropout).to(device)
+        self.model = make_model(cfg, data.classes).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.fwd = torch.compile(self.model) if compile else self.model  # never for meta steps
         feats = self.model.features
-        self.meta = SampleNet(feats, data.classes, cfg.hidden).to(device)
+        self.meta = (LossNet(cfg.hidden) if method == "mwn" else SampleNet(feats, data.classes, cfg.hidden)).to(device)
         self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
@@ -599,7 +740,7 @@ def classifier_step(run, data, cfg, idx, stats, meta_next=False):
     rng = rng_state(run.device) if meta_next else None
     with autocast(run.device):
         logits, h = (run.model if meta_next else run.fwd)(x)
-    h = h.detach()
+    h = meta_input(run, h.detach(), logits, y)
     if not run.reweights:
         w = torch.ones(len(y), device=run.device)
     else:
@@ -680,8 +821,9 @@ def train_steps(run, data, cfg, batches):
     val_idx = run.val_mask.nonzero().squeeze(1)
     stats = defaultdict(list)
     run.model.train()
+    K = 1 if run.method == "mwn" else cfg.K  # Meta-Weight-Net's schedule: a meta step every step
     for idx in batches:
-        meta_now = run.reweights and run.step % cfg.K == 0
+        meta_now = run.reweights and run.step % K == 0
         x, y, h, rng = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
         if meta_now:
             meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
@@ -847,12 +989,14 @@ def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
     train_logits, h = predict(run.fwd, data, data.x)  # the regime check: how well S is fitted
     rounded = lambda t: [round(v, 4) for v in t.tolist()]
     with torch.no_grad():
-        weights = rounded(instance_weights(run.meta, h, data.y)) if run.reweights else None
+        weights = rounded(instance_weights(run.meta, meta_input(run, h, train_logits, data.y), data.y)) \
+            if run.reweights else None
     return run, dict(
         method=method, seed=seed, dataset=cfg.dataset, config_hash=cfg.hash(), config=cfg.as_dict(),
         test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
         train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
         train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
+        noisy=None if data.y_true is None else (data.y != data.y_true).nonzero().squeeze(1).tolist(),
         val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
         device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
@@ -941,14 +1085,25 @@ def paired_gains(by, method):
     return [acc - erm[s] for s, acc in sorted(by[method].items()) if s in erm]
 
 
+def paper_column(rows, dataset):
+    """The paper's figure for this setting, per method: Table 2's accuracy for the CIFAR-100
+    class-skew setting (ResNet-32, rho in 200/50/10/1), else Fig. 1's CIFAR-100 gain."""
+    cfg = rows[0]["config"] if rows else {}
+    rho = cfg.get("imbalance", 1.0)
+    if dataset == "cifar100" and cfg.get("arch") == "resnet32" and rho in PAPER_TABLE2["molere"]:
+        return f"paper's accuracy (Table 2, ρ={rho:g})", {m: f"{v[rho]:.2f}" for m, v in PAPER_TABLE2.items()}
+    return "paper's CIFAR-100 gain", {m: f"{v:+.2f}" for m, v in PAPER_GAIN_CIFAR100.items()}
+
+
 def report_table(rows, dataset):
     """Method, accuracy mean +- std (n seeds), gain over ERM and its per-seed paired spread,
-    and the paper's CIFAR-100 gain beside it (labelled as the paper's)."""
+    and the paper's figure beside it (labelled as the paper's)."""
     by = accuracy_by_seed(rows)
     erm = by.get("erm", {})
+    paper_head, paper_of = paper_column(rows, dataset)
     lines = [f"results on {dataset} (test accuracy, %; gains in points over ERM of the same seed)",
-             f"| method | n | accuracy mean ± std | gain over ERM | paired gain ± std | "
-             f"paper's CIFAR-100 gain |", "|---|---|---|---|---|---|"]
+             f"| method | n | accuracy mean ± std | gain over ERM | paired gain ± std | {paper_head} |",
+             "|---|---|---|---|---|---|"]
     for m in METHODS:
         if m not in by:
             continue
@@ -960,8 +1115,8 @@ def report_table(rows, dataset):
             gain, pair = f"{mu - mean_std(list(erm.values()))[0]:+.2f}", f"{gain_mean:+.2f} ± {gain_sd:.2f} (n={len(paired)})"
         else:
             gain = pair = "—"
-        paper = f"{PAPER_GAIN_CIFAR100[m]:+.2f}" if m in PAPER_GAIN_CIFAR100 else "—"
-        name = f"{m} (control)" if m in CONTROLS else m
+        paper = paper_of.get(m, "—")
+        name = f"{m} (control)" if m in CONTROLS else f"{m} (baseline)" if m in BASELINES else m
         lines.append(f"| {name} | {len(accs)} | {mu:.2f} ± {sd:.2f} | {gain} | {pair} | {paper} |")
     return "\n".join(lines)
 
@@ -974,8 +1129,9 @@ def build_parser():
                     "WRN-28-10 setting with the standard recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | all "
-      "(all: ERM once per seed, reused for the train-twice margins, then the rest)")
+    a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
+      "mwn (baseline) | all, or a comma list (all: every method but mwn; ERM once per seed, reused for the "
+      "train-twice margins)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
     a("--no-download", action="store_true", help="never try to download missing CIFAR files")
@@ -1005,7 +1161,8 @@ def fail(msg):
 
 
 def plan_of(method):
-    return list(METHODS) if method == "all" else [method]
+    """--method all (the paper's methods and the control), one method, or a comma list."""
+    return list(ALL) if method == "all" else [m for m in METHODS if m in method.split(",")]
 
 
 def check_plan(cfg, rt, plan, seeds, data):
@@ -1049,15 +1206,17 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                 print(f"[{method} seed {seed}] finished earlier, result in {results_path}")
                 continue
             val_mask = None
-            if method in ("lrw-easy", "lrw-hard"):
+            if data.meta_mask is not None and method not in ("erm", "molere"):
+                val_mask = data.meta_mask  # --meta-set clean:N: the fixed clean S_val
+            elif method in ("lrw-easy", "lrw-hard"):
                 if erm_model is None:
                     erm_model, result = finished_erm(cfg, rt, seed, data, budget)
                     if result is not None and ("erm", seed) not in done:
                         append_result(results_path, result)
                         done.add(("erm", seed))
                 val_mask = train_twice_split(method, erm_model, data, cfg.delta, seed)
-            elif method in ("lrw-random", "erm-tr"):
-                val_mask = train_twice_split(method, None, data, cfg.delta, seed)
+            elif method in ("lrw-random", "erm-tr", "mwn"):
+                val_mask = train_twice_split("lrw-random", None, data, cfg.delta, seed)
             run, result = train(cfg, rt, method, seed, data, val_mask, budget)
             if method == "erm":
                 erm_model = run.model
@@ -1077,13 +1236,18 @@ def setup(argv=None):
     args = build_parser().parse_args(argv)
     try:
         cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-        if args.method not in METHODS + ("all",):
-            raise ConfigError(f"unknown --method {args.method!r}: choose from {', '.join(METHODS + ('all',))}")
+        unknown = [m for m in args.method.split(",") if m not in METHODS + ("all",)]
+        if unknown or ("all" in args.method.split(",") and args.method != "all"):
+            raise ConfigError(f"unknown --method {args.method!r}: choose from {', '.join(METHODS + ('all',))}, "
+                              f"or a comma list of methods")
+        if cfg.meta_set != "split" and {"lrw-easy", "lrw-hard"} & set(plan_of(args.method)):
+            raise ConfigError(f"--meta-set {cfg.meta_set} fixes S_val, so LRW-Easy and LRW-Hard have no split to "
+                              f"choose: run erm,erm-tr,lrw-random,mwn,molere")
         if min(args.seeds) < 0:
             raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
         if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
-        if args.method in ("molere", "all") and cfg.warmup_epochs >= cfg.epochs:
+        if "molere" in plan_of(args.method) and cfg.warmup_epochs >= cfg.epochs:
             raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves MOLERE no epoch on the splitter's "
                               f"split (--epochs {cfg.epochs}): lower it")
         if args.device.startswith("cuda") and not torch.cuda.is_available():

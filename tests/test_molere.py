@@ -262,7 +262,7 @@ def test_every_method_runs_end_to_end_on_cifar100_layout(tmp_path, capsys):
     text = run_main(["--dataset", "cifar100", "--data-root", str(tmp_path / "data"), "--method", "all",
                      "--epochs", "2", "--out", out] + TINY, capsys).out
     rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
-    assert [r["method"] for r in rows] == list(molere.METHODS)
+    assert [r["method"] for r in rows] == list(molere.ALL)
     for r in rows:
         assert 0 <= r["test_acc"] <= 100 and len(r["test_margins"]) == 100 and len(r["log"]) == 2
         assert 0 <= r["train_acc"] <= 100 and len(r["train_margins"]) == 300
@@ -312,6 +312,14 @@ BAD = [
     (["--hidden", "0"], "--hidden must be at least 1"),
     (["--weight-norm", "max"], "--weight-norm must be batch or none"),
     (["--splitter-data", "train"], "--splitter-data must be val or all"),
+    (["--noise", "uniform:1.5"], "--noise must be none, uniform:p or pair:p"),
+    (["--noise", "gauss:0.2"], "--noise must be none, uniform:p or pair:p"),
+    (["--meta-set", "clean:x"], "--meta-set must be split or clean:N"),
+    (["--meta-set", "clean:5", "--method", "erm,lrw-random"], "N must be between 10"),
+    (["--meta-set", "clean:50", "--method", "lrw-hard"], "LRW-Easy and LRW-Hard have no split to choose"),
+    (["--imbalance", "0.5"], "--imbalance is a ratio"),
+    (["--arch", "vgg"], "--arch must be wrn or resnet32"),
+    (["--method", "erm,lrw-medium"], "unknown --method"),
     (["--seeds", "0", "-1"], "--seeds must be non-negative"),
 ]
 
@@ -375,7 +383,8 @@ def test_cli_help_and_exit_code_in_a_real_process():
     bad = subprocess.run([sys.executable, "molere.py", "--method", "nope"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "molere.py: error: unknown --method 'nope': choose from erm, erm-tr, lrw-random, lrw-easy, lrw-hard, molere, all"]
+        "molere.py: error: unknown --method 'nope': choose from erm, erm-tr, lrw-random, lrw-easy, lrw-hard, molere, "
+        "mwn, all, or a comma list of methods"]
 
 
 def test_meta_grad_on_a_torchvision_resnet18():
@@ -598,9 +607,84 @@ def test_scheduler_with_two_cpu_workers_gives_the_serial_results(tmp_path):
     assert "| molere | 1 |" in par.stdout  # the table at the end
     a, b = ({(r["method"], r["seed"]): r for r in molere.read_results(str(tmp_path / d / "results.jsonl"))}
             for d in ("serial", "par"))
-    assert set(a) == set(b) == {(m, 0) for m in molere.METHODS}
+    assert set(a) == set(b) == {(m, 0) for m in molere.ALL}
     for k in a:
         assert a[k]["test_acc"] == b[k]["test_acc"] and a[k]["test_margins"] == b[k]["test_margins"], k
     erm_end = max(i for i, line in enumerate(lines) if line.startswith("[erm seed 0] epoch 2/2"))
     hard_start = min(i for i, line in enumerate(lines) if line.startswith("[lrw-hard seed 0]"))
     assert erm_end < hard_start  # ERM finished before the margins were taken
+
+
+def test_class_skew_profile():
+    rho = 10.0
+    data = molere.load_data(molere.Config(dataset="synthetic", train_subset=1000, imbalance=rho), torch.device("cpu"))
+    plain = molere.load_data(molere.Config(dataset="synthetic", train_subset=1000), torch.device("cpu"))
+    counts = torch.bincount(data.y, minlength=10).tolist()
+    n_max = int(torch.bincount(plain.y, minlength=10).min())
+    assert counts == [int(n_max * rho ** (-c / 9)) for c in range(10)]  # class 0 largest, 10 times the last
+    pool = {bytes(img.numpy()) for img in plain.x}  # a subset of the balanced pool, test set untouched
+    assert all(bytes(img.numpy()) in pool for img in data.x) and torch.equal(data.y_test, plain.y_test)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "pair"])
+def test_label_noise_and_the_clean_meta_set(kind):
+    cfg = molere.Config(dataset="synthetic", train_subset=1000, noise=f"{kind}:0.4", meta_set="clean:50")
+    data = molere.load_data(cfg, torch.device("cpu"))
+    again = molere.load_data(cfg, torch.device("cpu"))
+    assert torch.equal(data.y, again.y)  # fixed, whatever the seed
+    meta = data.meta_mask
+    assert int(meta.sum()) == 50 and torch.bincount(data.y[meta], minlength=10).tolist() == [5] * 10
+    assert torch.equal(data.y[meta], data.y_true[meta])  # the meta set keeps its true labels
+    flipped = (data.y != data.y_true) & ~meta
+    rate = float(flipped.sum()) / int((~meta).sum())
+    assert abs(rate - 0.4) < 0.06, rate  # 950 draws: 4 standard deviations
+    if kind == "pair":
+        assert torch.equal(data.y[flipped], (data.y_true[flipped] + 1) % 10)
+
+
+def test_resnet32_has_the_papers_size_and_returns_features():
+    model = molere.ResNet32(10)
+    assert sum(p.numel() for p in model.parameters()) == 464_154  # He et al.'s 0.46M
+    logits, h = model(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 10) and h.shape == (3, model.features)
+
+
+@pytest.mark.parametrize("weight_norm", ["none", "batch"])
+def test_mwn_weight_net_gets_the_exact_meta_gradient(weight_norm):
+    """Meta-Weight-Net's weight net sees the detached per-sample loss; fast = reference in float64
+    (on ResNet-32, the architecture of the MW-Net literature)."""
+    fresh_seed()
+    model = molere.ResNet32(5).double()
+    meta = molere.LossNet(9).double()
+    x, xv = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    y, yv = torch.randint(0, 5, (8,)), torch.randint(0, 5, (8,))
+    rng = molere.rng_state(torch.device("cpu"))
+    logits, _ = model(x)
+    h = F.cross_entropy(logits, y, reduction="none").detach()[:, None]  # MW-Net's input
+    w = torch.sigmoid(meta(h, y)).detach()
+    w_tilde = w / w.mean() if weight_norm == "batch" else w
+    grads = torch.autograd.grad(weighted_cross_entropy(logits, y, w_tilde), list(model.parameters()))
+    fast_val, fast = molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, 0.1, rng, weight_norm)
+    ref_val, ref = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, 0.1, rng, weight_norm)
+    assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
+    assert sum(g.abs().sum() for g in ref) > 1e-10
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, rtol=1e-7, atol=1e-13)
+
+
+def test_noisy_labels_with_a_clean_meta_set_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    text = run_main(["--dataset", "synthetic", "--train-subset", "200", "--noise", "uniform:0.4",
+                     "--meta-set", "clean:20", "--arch", "resnet32", "--method", "erm,lrw-random,mwn,molere",
+                     "--epochs", "2", "--out", str(out)] + TINY, capsys).out
+    rows = {r["method"]: r for r in molere.read_results(str(out / "results.jsonl"))}
+    assert set(rows) == {"erm", "lrw-random", "mwn", "molere"} and "| mwn (baseline) | 1 |" in text
+    data = molere.load_data(molere.Config(dataset="synthetic", train_subset=200, noise="uniform:0.4",
+                                          meta_set="clean:20"), torch.device("cpu"))
+    meta = data.meta_mask.nonzero().squeeze(1).tolist()
+    assert rows["lrw-random"]["val_mask"] == rows["mwn"]["val_mask"] == meta  # the clean set is S_val
+    assert rows["molere"]["val_mask"] != meta  # MOLERE splits the noisy pool itself
+    assert rows["erm"]["noisy"] == (data.y != data.y_true).nonzero().squeeze(1).tolist()
+    assert len(rows["mwn"]["train_weights"]) == 200 and rows["erm"]["train_weights"] is None
+    mwn_log = rows["mwn"]["log"][0]
+    assert mwn_log["steps"] == 9 and math.isfinite(mwn_log["val_loss"])  # 180 images, batch 20, K = 1

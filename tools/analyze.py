@@ -61,13 +61,13 @@ def describe(diffs):
 
 
 def name(m):
-    return f"{m} (control)" if m in molere.CONTROLS else m
+    return f"{m} (control)" if m in molere.CONTROLS else f"{m} (baseline)" if m in molere.BASELINES else m
 
 
 def accuracy_table(rows):
     by = molere.accuracy_by_seed(rows)
     head = ["method", "n", "test accuracy mean ± std (%)", "paired gain over ERM (pp)", "± std",
-            "per seed (seed order)", "signs", "paired t p", "paper's CIFAR-100 gain (pp, Fig. 1)"]
+            "per seed (seed order)", "signs", "paired t p", molere.paper_column(rows, rows[0]["dataset"])[0]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in molere.METHODS:
         if m not in by:
@@ -76,7 +76,7 @@ def accuracy_table(rows):
         cells = [name(m), str(len(by[m])), f"{mu:.2f} ± {sd:.2f}"]
         seeds, d = paired(by, m, "erm")
         cells += list(describe(d)) if m != "erm" and d else ["—"] * 5
-        cells.append(f"{molere.PAPER_GAIN_CIFAR100[m]:+.2f}" if m in molere.PAPER_GAIN_CIFAR100 else "—")
+        cells.append(molere.paper_column(rows, rows[0]["dataset"])[1].get(m, "—"))
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in rows})
     lines.append(f"\nPer-seed test accuracy (%), seeds {', '.join(map(str, seeds))}:")
