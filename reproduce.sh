@@ -5,7 +5,9 @@
 #   bash reproduce.sh cifar100     the paper's CIFAR-100 / WRN-28-10 experiment (needs a GPU; --force to try anyway;
 #                                  --gpus N spreads its 18 runs over N GPUs)
 #   bash reproduce.sh cifar10      the same recipe on CIFAR-10
+#   bash reproduce.sh cifar100-skew the paper's Table 2: CIFAR-100 class skew 200/50/10/1, ResNet-32, MOLERE, MW-Net, ERM
 #   bash reproduce.sh cifar10-cpu  the CPU study of RESULTS.md section 1 (resumable), then its tables and figures
+#   bash reproduce.sh cifar10-noise the noisy-label CPU study of RESULTS.md section 2 (resumable; WORKERS=2 processes)
 #   bash reproduce.sh bench        kernel benchmark, then ERM vs MOLERE step time (last line: the ratio)
 #   bash reproduce.sh gpu-check    environment, kernel bench, WRN-28-10 throughput, 200 NaN-free MOLERE steps
 # Extra arguments pass through to molere.py. The first use creates .venv and installs requirements.txt.
@@ -41,6 +43,26 @@ CIFAR10_CPU=(--dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropou
              --batch-size 64 --no-augment --warmup-epochs 5 --resplit-every 3 --eval-every 5
              --seeds 0 1 2 --method all --threads 1 --out results/cifar10-cpu-2 --resume)
 
+take_gpus() {  # --gpus N: a plan's runs spread over N GPUs by tools/schedule.py
+  GPUS=0
+  local kept=()
+  while [ ${#ARGS[@]} -gt 0 ]; do
+    if [ "${ARGS[0]}" = "--gpus" ]; then GPUS=${ARGS[1]:-}; ARGS=("${ARGS[@]:2}"); else kept+=("${ARGS[0]}"); ARGS=("${ARGS[@]:1}"); fi
+  done
+  ARGS=("${kept[@]+"${kept[@]}"}")
+}
+launch() {
+  if [ "$GPUS" != 0 ]; then "$PY" -m tools.schedule --workers "$GPUS" -- "$@"; else "$PY" molere.py "$@"; fi
+}
+
+# The noisy-label CPU study of RESULTS.md section 2: the same scale, 40% uniform label noise on
+# the pool, 100 clean class-balanced images as the meta set; ERM, LRW-Random (its S_val the clean
+# set), Meta-Weight-Net, and MOLERE (which splits the noisy pool itself). Two workers, one thread each.
+CIFAR10_NOISE=(--dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20
+               --batch-size 64 --no-augment --noise uniform:0.4 --meta-set clean:100 --warmup-epochs 5
+               --resplit-every 3 --eval-every 5 --seeds 0 1 2 --method erm,lrw-random,mwn,molere
+               --out results/cifar10-noise --resume)
+
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
 ARGS=("$@")
@@ -53,23 +75,30 @@ case "$cmd" in
     exec "$PY" -m pytest -q tests "$@" ;;
   cifar100|cifar10)
     need_gpu "$cmd"
-    gpus=0 kept=()  # --gpus N: the 15 runs spread over N GPUs by tools/schedule.py
-    while [ ${#ARGS[@]} -gt 0 ]; do
-      if [ "${ARGS[0]}" = "--gpus" ]; then gpus=${ARGS[1]:-}; ARGS=("${ARGS[@]:2}"); else kept+=("${ARGS[0]}"); ARGS=("${ARGS[@]:1}"); fi
-    done
-    run=(--dataset "$cmd" --data-root data --method all --seeds 0 1 2 --out "runs/$cmd" --resume "${kept[@]+"${kept[@]}"}")
-    if [ "$gpus" != 0 ]; then exec "$PY" -m tools.schedule --workers "$gpus" -- "${run[@]}"; fi
-    exec "$PY" molere.py "${run[@]}" ;;
+    take_gpus
+    launch --dataset "$cmd" --data-root data --method all --seeds 0 1 2 --out "runs/$cmd" --resume \
+      "${ARGS[@]+"${ARGS[@]}"}" ;;
+  cifar100-skew)  # the paper's Table 2: class skew 200/50/10/1, MOLERE against MW-Net and ERM, ResNet-32
+    need_gpu "$cmd"
+    take_gpus
+    for rho in 200 50 10 1; do
+      launch --dataset cifar100 --data-root data --arch resnet32 --imbalance "$rho" --method erm,mwn,molere \
+        --seeds 0 1 2 --out "runs/cifar100-skew-$rho" --resume "${ARGS[@]+"${ARGS[@]}"}"
+    done ;;
   cifar10-cpu)
     root=${DATA_ROOT:-../shared/data}
     "$PY" molere.py --data-root "$root" "${CIFAR10_CPU[@]}" "$@"
     "$PY" -m tools.analyze results/cifar10-cpu-2/results.jsonl --figures results/cifar10-cpu-2 ;;
+  cifar10-noise)  # the outside anchor of RESULTS.md section 2: 40% uniform label noise, a clean meta set
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CIFAR10_NOISE[@]}" "$@"
+    "$PY" -m tools.analyze results/cifar10-noise/results.jsonl --figures results/cifar10-noise ;;
   bench)
     "$PY" -m tools.kernel_bench
     exec "$PY" -m tools.bench "$@" ;;
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar10-cpu, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, bench, gpu-check)" >&2
     exit 2 ;;
 esac

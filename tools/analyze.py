@@ -90,7 +90,8 @@ COMPARISONS = [("lrw-random", "erm-tr", "the learned weights alone (same S_tr, s
                ("lrw-hard", "lrw-random", "a hard validation set instead of a random one"),
                ("lrw-hard", "lrw-easy", "hard against easy validation set"),
                ("molere", "lrw-hard", "the splitter's split against train-twice Hard"),
-               ("erm-tr", "erm", "the price of holding delta of S out")]
+               ("erm-tr", "erm", "the price of holding delta of S out"),
+               ("lrw-random", "mwn", "LRW's rich meta-network against MW-Net's loss-only one")]
 
 
 def comparison_table(rows):
@@ -219,6 +220,38 @@ def weight_table(curves):
     return "\n".join(lines)
 
 
+def noisy_clean_weights(rows):
+    """{method: [(seed, mean w~ of clean, mean w~ of noisy training images, AUC)]}: the final
+    weights of the images of S_tr whose label --noise flipped, against those it left alone
+    (w~ = w / mean over S_tr; AUC = P(w of a clean image > w of a noisy one))."""
+    out = {}
+    for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
+        if not r.get("train_weights") or not r.get("noisy"):
+            continue
+        w = torch.tensor(r["train_weights"])
+        train = torch.ones(len(w), dtype=torch.bool)
+        train[r["val_mask"]] = False
+        noisy = torch.zeros(len(w), dtype=torch.bool)
+        noisy[r["noisy"]] = True
+        w = w / w[train].mean()
+        clean_w, noisy_w = w[train & ~noisy], w[train & noisy]
+        auc = float((clean_w[:, None] > noisy_w[None, :]).float().mean()
+                    + 0.5 * (clean_w[:, None] == noisy_w[None, :]).float().mean())
+        out.setdefault(r["method"], []).append((r["seed"], float(clean_w.mean()), float(noisy_w.mean()), auc, r))
+    return out
+
+
+def noise_table(weights):
+    if not weights:
+        return None
+    lines = ["| method | seed | mean w~ of clean images | mean w~ of noisy images | AUC (clean above noisy) |",
+             "|---|---|---|---|---|"]
+    for m, entries in weights.items():
+        for seed, c, n, auc, _ in entries:
+            lines.append(f"| {name(m)} | {seed} | {c:.3f} | {n:.3f} | {auc:.3f} |")
+    return "\n".join(lines)
+
+
 def figures(rows, gains, curves, folder):
     try:
         import matplotlib
@@ -273,6 +306,28 @@ def figures(rows, gains, curves, folder):
         fig.savefig(os.path.join(folder, "weight_vs_margin.png"), dpi=120)
         written.append("weight_vs_margin.png")
 
+    weights = noisy_clean_weights(rows)
+    if weights:
+        fig, axes = plt.subplots(1, len(weights), figsize=(3.2 * len(weights), 3), squeeze=False)
+        for ax, (m, entries) in zip(axes[0], weights.items()):
+            r = entries[0][4]  # the first seed's run
+            w = torch.tensor(r["train_weights"])
+            train = torch.ones(len(w), dtype=torch.bool)
+            train[r["val_mask"]] = False
+            noisy = torch.zeros(len(w), dtype=torch.bool)
+            noisy[r["noisy"]] = True
+            w = w / w[train].mean()
+            bins = torch.linspace(float(w[train].min()), float(w[train].max()) + 1e-6, 31).tolist()
+            ax.hist(w[train & ~noisy].tolist(), bins=bins, alpha=0.6, label="clean label")
+            ax.hist(w[train & noisy].tolist(), bins=bins, alpha=0.6, label="flipped label")
+            ax.set_title(f"{name(m)}, seed {entries[0][0]}", fontsize=9)
+            ax.set_xlabel("learned weight / mean")
+        axes[0][0].set_ylabel("training images")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "weights_noisy_clean.png"), dpi=120)
+        written.append("weights_noisy_clean.png")
+
     if any("test_acc" in e for r in rows for e in r["log"][:-1]):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
         for m in molere.METHODS:
@@ -314,6 +369,8 @@ def main():
                 ("(d) margin analysis: paired test-margin differences method − ERM (same image, same seed)",
                  margin_table(gains)),
                 ("(d) learned weight against the ERM margin of the same training image", weight_table(curves)),
+                ("(d) learned weights of training images with flipped and with clean labels",
+                 noise_table(noisy_clean_weights(rows))),
                 ("(e) wall time", time_table(rows))]
     for title, table in sections:
         if table:
