@@ -6,7 +6,7 @@
 Everything after `--` is a molere.py command line; it is checked once, here, before anything
 starts (one line and exit 2 for bad input). Then each run is one `molere.py --method M
 --seeds S --resume` process, at most one per worker at a time: on CUDA worker i is cuda:i,
-on CPU each worker gets an equal share of the cores. A seed's ERM finishes before its
+on CPU each worker gets an equal share of the cores this process may use. A seed's ERM finishes before its
 LRW-Easy and LRW-Hard start (they split S by its margins); the other runs need nothing.
 Every line a run prints carries its tag. Records go to OUT/results.jsonl (appends are
 locked, so workers never interleave), and the results table is printed at the end. Finished
@@ -44,7 +44,7 @@ def launch(argv, method, seed, worker, workers, device_type):
     if device_type == "cuda":
         extra += ["--device", f"cuda:{worker}"]
     else:
-        extra += ["--device", "cpu", "--threads", str(max(1, (os.cpu_count() or 1) // workers))]
+        extra += ["--device", "cpu", "--threads", str(max(1, len(os.sched_getaffinity(0)) // workers))]
     return subprocess.Popen([sys.executable, "-u", os.path.join(os.path.dirname(molere.__file__), "molere.py")]
                             + argv + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
