@@ -14,6 +14,7 @@ runs are skipped; rerun the same command to continue after an interruption.
 """
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -72,6 +73,7 @@ def main():
     todo, done = jobs_of(args, cfg)
     print(f"{len(todo)} runs on {workers} {'GPU' if rt.device.type == 'cuda' else 'CPU'} worker(s); "
           f"{len(done)} finished earlier; results -> {os.path.join(args.out, 'results.jsonl')}", flush=True)
+    signal.signal(signal.SIGTERM, molere.interrupt)  # `kill` stops the workers' runs too, checkpoints kept
     lock, running, failed = threading.Lock(), {}, []
     erm_done = {s for m, s in done if m == "erm"}
     try:
