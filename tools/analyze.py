@@ -221,23 +221,17 @@ def weight_table(curves):
 
 
 def noisy_clean_weights(rows):
-    """{method: [(seed, mean w~ of clean, mean w~ of noisy training images, AUC)]}: the final
-    weights of the images of S_tr whose label --noise flipped, against those it left alone
-    (w~ = w / mean over S_tr; AUC = P(w of a clean image > w of a noisy one))."""
+    """{method: [(seed, w~ of clean images, w~ of noisy images)]} for the training images (S_tr)
+    of each run: the final weights, divided by their mean over S_tr, of the images whose label
+    --noise flipped and of those it left alone."""
     out = {}
     for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
-        if not r.get("train_weights") or not r.get("noisy"):
-            continue
-        w = torch.tensor(r["train_weights"])
-        train = torch.ones(len(w), dtype=torch.bool)
-        train[r["val_mask"]] = False
-        noisy = torch.zeros(len(w), dtype=torch.bool)
-        noisy[r["noisy"]] = True
-        w = w / w[train].mean()
-        clean_w, noisy_w = w[train & ~noisy], w[train & noisy]
-        auc = float((clean_w[:, None] > noisy_w[None, :]).float().mean()
-                    + 0.5 * (clean_w[:, None] == noisy_w[None, :]).float().mean())
-        out.setdefault(r["method"], []).append((r["seed"], float(clean_w.mean()), float(noisy_w.mean()), auc, r))
+        if r.get("train_weights") and r.get("noisy"):
+            w = torch.tensor(r["train_weights"])
+            train, noisy = torch.ones(len(w), dtype=torch.bool), torch.zeros(len(w), dtype=torch.bool)
+            train[r["val_mask"]], noisy[r["noisy"]] = False, True
+            w = w / w[train].mean()
+            out.setdefault(r["method"], []).append((r["seed"], w[train & ~noisy], w[train & noisy]))
     return out
 
 
@@ -247,8 +241,9 @@ def noise_table(weights):
     lines = ["| method | seed | mean w~ of clean images | mean w~ of noisy images | AUC (clean above noisy) |",
              "|---|---|---|---|---|"]
     for m, entries in weights.items():
-        for seed, c, n, auc, _ in entries:
-            lines.append(f"| {name(m)} | {seed} | {c:.3f} | {n:.3f} | {auc:.3f} |")
+        for seed, clean, noisy in entries:  # AUC = P(w of a clean image > w of a noisy one), ties half
+            auc = (clean[:, None] > noisy[None, :]).float().mean() + 0.5 * (clean[:, None] == noisy[None, :]).float().mean()
+            lines.append(f"| {name(m)} | {seed} | {clean.mean():.3f} | {noisy.mean():.3f} | {auc:.3f} |")
     return "\n".join(lines)
 
 
@@ -260,73 +255,66 @@ def figures(rows, gains, curves, folder):
     except ImportError:
         print("figures skipped: matplotlib is not installed (pip install matplotlib), the tables above are complete")
         return
+    written = []
+    os.makedirs(folder, exist_ok=True)
+
+    def save(fig, filename):
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, filename), dpi=120)
+        written.append(filename)
+
+    def lines_plot(series, xlabel, ylabel, filename, baseline=0.0):
+        """One line per method: series = {method: (x, y)}."""
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for m, (x, y) in series.items():
+            ax.plot(x, y, marker="o", label=name(m), **(dict(ls="--", color="k") if m.startswith("erm (") else {}))
+        ax.axhline(baseline, color="k", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        save(fig, filename)
+
     acc = molere.accuracy_by_seed(rows)
     methods = [m for m in molere.METHODS[1:] if m in acc and molere.paired_gains(acc, m)]
     gains_by = [molere.paired_gains(acc, m) for m in methods]
+    paper_head, paper_of = molere.paper_column(rows, rows[0]["dataset"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = range(len(methods))
     ax.bar([x - 0.2 for x in xs], [statistics.mean(p) for p in gains_by], 0.4,
            yerr=[statistics.stdev(p) if len(p) > 1 else 0 for p in gains_by], capsize=3, label="ours (mean ± std over seeds)")
-    ax.bar([x + 0.2 for x in xs], [molere.PAPER_GAIN_CIFAR100.get(m, 0) for m in methods], 0.4, fill=False,
-           hatch="//", label="paper's CIFAR-100 (Fig. 1)")
+    if "gain" in paper_head:
+        ax.bar([x + 0.2 for x in xs], [float(paper_of.get(m, 0)) for m in methods], 0.4, fill=False,
+               hatch="//", label="paper's CIFAR-100 (Fig. 1)")
     for x, p in zip(xs, gains_by):
         ax.scatter([x - 0.2] * len(p), p, color="k", s=8, zorder=3)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(list(xs), [name(m).replace(" (control)", "\n(control)") for m in methods])
+    ax.set_xticks(list(xs), [name(m).replace(" (", "\n(") for m in methods])
     ax.set_ylabel("test accuracy gain over ERM (points)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "gain_over_erm.png"), dpi=120)
-    written = ["gain_over_erm.png"]
+    save(fig, "gain_over_erm.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     centers = [(lo + min(hi, 1)) / 2 for lo, hi in zip(BINS, BINS[1:])]
-    for m, (base, diff, _) in gains.items():
-        means = [float(diff[(base >= lo) & (base < hi)].mean()) if ((base >= lo) & (base < hi)).any() else float("nan")
-                 for lo, hi in zip(BINS, BINS[1:])]
-        style = dict(ls="--", color="k") if m.startswith("erm (") else {}
-        ax.plot(centers, means, marker="o", label=name(m), **style)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlabel("ERM test margin (bin centre)")
-    ax.set_ylabel("mean margin gain over ERM")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "margin_gain.png"), dpi=120)
-    written.append("margin_gain.png")
-
+    bins = [lambda base, lo=lo, hi=hi: (base >= lo) & (base < hi) for lo, hi in zip(BINS, BINS[1:])]
+    lines_plot({m: (centers, [float(diff[b(base)].mean()) if b(base).any() else float("nan") for b in bins])
+                for m, (base, diff, _) in gains.items()},
+               "ERM test margin (bin centre)", "mean margin gain over ERM", "margin_gain.png")
     if curves:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for m, (x, w, _) in curves.items():
-            ax.plot(x, w, marker="o", label=name(m))
-        ax.axhline(1, color="k", lw=0.8)
-        ax.set_xlabel("ERM margin of the same training image (bin centre)")
-        ax.set_ylabel("learned weight / mean weight (end of run)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "weight_vs_margin.png"), dpi=120)
-        written.append("weight_vs_margin.png")
+        lines_plot({m: (x, w) for m, (x, w, _) in curves.items()}, "ERM margin of the same training image (bin centre)",
+                   "learned weight / mean weight (end of run)", "weight_vs_margin.png", baseline=1.0)
 
     weights = noisy_clean_weights(rows)
     if weights:
         fig, axes = plt.subplots(1, len(weights), figsize=(3.2 * len(weights), 3), squeeze=False)
         for ax, (m, entries) in zip(axes[0], weights.items()):
-            r = entries[0][4]  # the first seed's run
-            w = torch.tensor(r["train_weights"])
-            train = torch.ones(len(w), dtype=torch.bool)
-            train[r["val_mask"]] = False
-            noisy = torch.zeros(len(w), dtype=torch.bool)
-            noisy[r["noisy"]] = True
-            w = w / w[train].mean()
-            bins = torch.linspace(float(w[train].min()), float(w[train].max()) + 1e-6, 31).tolist()
-            ax.hist(w[train & ~noisy].tolist(), bins=bins, alpha=0.6, label="clean label")
-            ax.hist(w[train & noisy].tolist(), bins=bins, alpha=0.6, label="flipped label")
-            ax.set_title(f"{name(m)}, seed {entries[0][0]}", fontsize=9)
+            seed, clean, noisy = entries[0]  # the first seed's run
+            edges = torch.linspace(float(torch.cat([clean, noisy]).min()), float(torch.cat([clean, noisy]).max()) + 1e-6, 31)
+            ax.hist(clean.tolist(), bins=edges.tolist(), alpha=0.6, label="clean label")
+            ax.hist(noisy.tolist(), bins=edges.tolist(), alpha=0.6, label="flipped label")
+            ax.set_title(f"{name(m)}, seed {seed}", fontsize=9)
             ax.set_xlabel("learned weight / mean")
         axes[0][0].set_ylabel("training images")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "weights_noisy_clean.png"), dpi=120)
-        written.append("weights_noisy_clean.png")
+        save(fig, "weights_noisy_clean.png")
 
     if any("test_acc" in e for r in rows for e in r["log"][:-1]):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -342,9 +330,7 @@ def figures(rows, gains, curves, folder):
         a1.set_xlabel("epoch"), a1.set_ylabel("training loss (unweighted, batch mean)")
         a2.set_xlabel("epoch"), a2.set_ylabel("test accuracy (%), plotted, never used to select")
         a2.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "learning_curves.png"), dpi=120)
-        written.append("learning_curves.png")
+        save(fig, "learning_curves.png")
     print(f"\nfigures in {folder}: {', '.join(written)}")
 
 
