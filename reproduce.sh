@@ -88,11 +88,11 @@ case "$cmd" in
   cifar10-cpu)
     root=${DATA_ROOT:-../shared/data}
     "$PY" molere.py --data-root "$root" "${CIFAR10_CPU[@]}" "$@"
-    "$PY" -m tools.analyze results/cifar10-cpu-2/results.jsonl --figures results/cifar10-cpu-2 ;;
+    "$PY" -m tools.analyze results/cifar10-cpu-2/results.jsonl --figures results/cifar10-cpu-2 --into RESULTS.md ;;
   cifar10-noise)  # the outside anchor of RESULTS.md section 2: 40% uniform label noise, a clean meta set
     root=${DATA_ROOT:-../shared/data}
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CIFAR10_NOISE[@]}" "$@"
-    "$PY" -m tools.analyze results/cifar10-noise/results.jsonl --figures results/cifar10-noise ;;
+    "$PY" -m tools.analyze results/cifar10-noise/results.jsonl --figures results/cifar10-noise --into RESULTS.md ;;
   bench)
     "$PY" -m tools.kernel_bench
     exec "$PY" -m tools.bench "$@" ;;
