@@ -1092,6 +1092,8 @@ def paper_column(rows, dataset):
     rho = cfg.get("imbalance", 1.0)
     if dataset == "cifar100" and cfg.get("arch") == "resnet32" and rho in PAPER_TABLE2["molere"]:
         return f"paper's accuracy (Table 2, ρ={rho:g})", {m: f"{v[rho]:.2f}" for m, v in PAPER_TABLE2.items()}
+    if "noise" in cfg or "imbalance" in cfg:  # a setting the paper's Fig. 1 does not cover
+        return "paper's figure", {}
     return "paper's CIFAR-100 gain", {m: f"{v:+.2f}" for m, v in PAPER_GAIN_CIFAR100.items()}
 
 
