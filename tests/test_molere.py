@@ -688,3 +688,14 @@ def test_noisy_labels_with_a_clean_meta_set_end_to_end(tmp_path, capsys):
     assert len(rows["mwn"]["train_weights"]) == 200 and rows["erm"]["train_weights"] is None
     mwn_log = rows["mwn"]["log"][0]
     assert mwn_log["steps"] == 9 and math.isfinite(mwn_log["val_loss"])  # 180 images, batch 20, K = 1
+
+
+def test_fields_added_later_keep_earlier_configs_identity():
+    """Records and checkpoints made before a field existed must still match while it is at its
+    default; a non-default value is part of the identity."""
+    cfg = molere.Config(dataset="synthetic", depth=10, width=1)
+    stored = cfg.as_dict()
+    assert not set(molere.Config.LATER) & set(stored)
+    assert molere.Config(**stored).hash() == cfg.hash()
+    noisy = molere.Config(dataset="synthetic", depth=10, width=1, noise="pair:0.2")
+    assert noisy.as_dict()["noise"] == "pair:0.2" and noisy.hash() != cfg.hash()
