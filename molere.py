@@ -1228,10 +1228,6 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                   f"({result['wall_time_s']:.0f}s)", flush=True)
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # `kill` (SIGTERM) ends a run like Ctrl-C: checkpoints kept, one message
-
-
 def setup(argv=None):
     """Everything checked before any work: the flags (Config), then the data, the split sizes,
     existing checkpoints and --out. Returns (args, cfg, rt, data); bad input ends in one line."""

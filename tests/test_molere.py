@@ -124,11 +124,13 @@ def test_splitter_regularizers_over_all_100_classes():
     r_size = delta * math.log(delta / mp) + (1 - delta) * math.log((1 - delta) / (1 - mp))
     l_val = sum(pi * li for pi, li in zip(p, losses.tolist())) / sum(p)
     fit = -sum(math.log(1 - pi) if ok else math.log(pi) for pi, ok in zip(p, correct.tolist())) / n
-    assert parts["r_bal"].item() == pytest.approx(r_bal, rel=1e-5)
-    assert parts["r_size"].item() == pytest.approx(r_size, rel=1e-5, abs=1e-7)
+    # the KL terms of nearly equal distributions cancel in float32: an absolute bound of a few
+    # float32 ulps of the summed terms (each below 1), on values of about 0.01 to 0.1
+    assert parts["r_bal"].item() == pytest.approx(r_bal, rel=1e-5, abs=2e-6)
+    assert parts["r_size"].item() == pytest.approx(r_size, rel=1e-5, abs=2e-6)
     assert parts["l_val"].item() == pytest.approx(l_val, rel=1e-5)
     assert parts["fit"].item() == pytest.approx(fit, rel=1e-5)
-    assert loss.item() == pytest.approx(fit - l_val + r_size + r_bal, rel=1e-5)
+    assert loss.item() == pytest.approx(fit - l_val + r_size + r_bal, rel=1e-5, abs=4e-6)
 
 
 @pytest.mark.parametrize("delta", [0.001, 0.1, 0.37, 0.5])
