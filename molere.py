@@ -666,7 +666,10 @@ def instance_weights(meta, h, y, weight_norm="none"):
     """w_i = g_phi(x_i, y_i) = sigmoid(logit) in (0, 1); with weight_norm "batch" (SPEC section 1)
     w~_i = w_i / mean_j w_j, differentiable in phi through the batch mean, so the classifier step
     and the look-ahead use the same w~ and the meta-gradient stays exact."""
-    w = torch.sigmoid(meta(h, y))
+    return normalised(torch.sigmoid(meta(h, y)), weight_norm)
+
+
+def normalised(w, weight_norm):
     return w / w.mean() if weight_norm == "batch" else w
 
 
@@ -746,8 +749,7 @@ def classifier_step(run, data, cfg, idx, stats, meta_next=False):
     else:
         with torch.no_grad():
             w = instance_weights(run.meta, h, y)
-    w_tilde = w / w.mean() if cfg.weight_norm == "batch" else w
-    loss, losses = weighted_cross_entropy(logits, y, w_tilde, return_losses=True)
+    loss, losses = weighted_cross_entropy(logits, y, normalised(w, cfg.weight_norm), return_losses=True)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     stats["loss"].append(losses.mean())  # unweighted, comparable across methods
@@ -849,7 +851,7 @@ def random_split(data, delta, seed):
 def train_twice_split(method, erm_model, data, delta, seed):
     """SPEC section 3: validation split from the ERM model's margins on S (per class).
     Hard = lowest margins, Easy = highest, Random = uniform (also the S_tr of the erm-tr control)."""
-    if method in ("lrw-random", "erm-tr"):
+    if method == "lrw-random":
         return random_split(data, delta, 10_000 + seed)
     pm = margins(predict(erm_model, data, data.x)[0], data.y)
     return per_class_topk(-pm if method == "lrw-hard" else pm, data.y, delta, data.classes)
