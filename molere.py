@@ -194,7 +194,7 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     out: str = "runs"
     resume: bool = False     # continue runs from their checkpoints, skip finished ones
-    compile: bool = False    # torch.compile the classifier for its plain steps and evaluation
+    compile: bool = False    # torch.compile the classifier's steps, evaluation and the fast meta step
     eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
 
 # ----------------------------------------------------------------------------- data
@@ -654,11 +654,42 @@ def per_sample_losses(model, params, x, y):
     return F.cross_entropy(out[0] if isinstance(out, tuple) else out, y, reduction="none")  # fp32 under autocast
 
 
-def lookahead_val_grad(model, grads, alpha, xv, yv):
+def loss_jvp(model, params, tangents, x, y):
+    """(l(theta), a) with a_i = <grad_theta l_i(theta), tangents>: one forward-mode pass."""
+    return jvp(lambda p: per_sample_losses(model, p, x, y), (params,), (tangents,))
+
+
+class Compiled:
+    """`fn` through torch.compile, built on first use (--compile). Inductor's `fallback_random`
+    makes dropout draw from the global RNG exactly as eager does, so a replayed RNG state gives
+    the classifier step's masks here too. If compiling fails (no C compiler, no Triton), one
+    line on stderr and eager from then on."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if self.compiled is not self.fn:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, options={"fallback_random": True})
+                return self.compiled(*args)
+            except Exception as e:  # torch's compile errors have no common base class
+                print(f"warning: torch.compile of {self.fn.__name__} failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120] if str(e) else ''}); running it eagerly", file=sys.stderr)
+                self.compiled = self.fn
+        return self.fn(*args)
+
+
+compiled_losses, compiled_loss_jvp = Compiled(per_sample_losses), Compiled(loss_jvp)
+
+
+def lookahead_val_grad(model, grads, alpha, xv, yv, compiled=False):
     """theta' = theta - alpha * G with G = grad_theta mean_i w_i l_i(theta) (already computed);
     returns L_val(theta') (unweighted mean CE on the validation batch) and v = grad L_val(theta')."""
+    losses = compiled_losses if compiled else per_sample_losses
     theta1 = {n: (p.detach() - alpha * g).requires_grad_() for (n, p), g in zip(model.named_parameters(), grads)}
-    loss_val = per_sample_losses(model, theta1, xv, yv).mean()
+    loss_val = losses(model, theta1, xv, yv).mean()
     return loss_val.detach(), torch.autograd.grad(loss_val, list(theta1.values()))
 
 
@@ -673,17 +704,18 @@ def normalised(w, weight_norm):
     return w / w.mean() if weight_norm == "batch" else w
 
 
-def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm="none"):
+def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm="none", compiled=False):
     """Exact dL_val(theta'(phi))/dphi with no double backward (SPEC section 1, fast path):
          dL_val/dphi = -(alpha / B) sum_i a_i dw~_i/dphi,   a_i = <grad_theta l_i(theta), v>,
     v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
     loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
     Valid because w = g_phi(h.detach(), y) does not depend on theta in the graph.
-    `grads` = G at theta, which the classifier step has just computed for the same batch."""
-    loss_val, v = lookahead_val_grad(model, grads, alpha, xv, yv)
+    `grads` = G at theta, which the classifier step has just computed for the same batch.
+    `compiled`: the look-ahead and the JVP run through torch.compile (see `Compiled`)."""
+    loss_val, v = lookahead_val_grad(model, grads, alpha, xv, yv, compiled)
     params = {n: p.detach() for n, p in model.named_parameters()}
     with replay_rng(rng, x.device):
-        _, a = jvp(lambda p: per_sample_losses(model, p, x, y), (params,), (dict(zip(params, v)),))
+        _, a = (compiled_loss_jvp if compiled else loss_jvp)(model, params, dict(zip(params, v)), x, y)
     w = instance_weights(meta, h, y, weight_norm)
     return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=(-alpha * a / len(y)).to(w.dtype))
 
@@ -713,7 +745,8 @@ class Run:
         self.model = make_model(cfg, data.classes).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.fwd = torch.compile(self.model) if compile else self.model  # never for meta steps
+        self.fwd = torch.compile(self.model) if compile else self.model  # replays no dropout masks
+        self.compiled = compile  # the fast meta step's look-ahead and JVP too (`Compiled`)
         feats = self.model.features
         self.meta = (LossNet(cfg.hidden) if method == "mwn" else SampleNet(feats, data.classes, cfg.hidden)).to(device)
         self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
@@ -771,7 +804,7 @@ def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
         if cfg.meta_grad == "fast":
             grads = [p.grad for p in run.model.parameters()]
             loss_val, meta_grads = meta_grad_fast(run.model, run.meta, x, y, h, grads, xv, yv, alpha, rng,
-                                                  cfg.weight_norm)
+                                                  cfg.weight_norm, compiled=run.compiled)
         else:
             loss_val, meta_grads = meta_grad_reference(run.model, run.meta, x, y, h, xv, yv, alpha, rng,
                                                        cfg.weight_norm)
@@ -1148,7 +1181,8 @@ def build_parser():
         else:
             a(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--compile", action="store_true", help="torch.compile the classifier for its plain steps and evaluation")
+    a("--compile", action="store_true", help="torch.compile the classifier's plain steps, evaluation and the fast "
+      "meta step's look-ahead and JVP (dropout masks still replayed; eager, with one line, where compile fails)")
     a("--out", default="runs", help="folder for checkpoints and results.jsonl")
     a("--resume", action="store_true", help="continue runs from their checkpoints, skip finished ones")
     a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")

@@ -83,7 +83,13 @@ def profile_meta_step(cfg, rt, data, repeats=5):
 
     def lookahead():
         with molere.autocast(rt.device):
-            molere.lookahead_val_grad(run.model, grads, cfg.lr, x, y)
+            molere.lookahead_val_grad(run.model, grads, cfg.lr, x, y, rt.compile)
+
+    def jvp():
+        params = {n: p.detach() for n, p in run.model.named_parameters()}
+        with molere.autocast(rt.device), molere.replay_rng(rng, rt.device):
+            (molere.compiled_loss_jvp if rt.compile else molere.loss_jvp)(run.model, params, dict(zip(params, grads)),
+                                                                          x, y)
 
     def meta():
         for p, g in zip(run.model.parameters(), grads):
@@ -93,11 +99,12 @@ def profile_meta_step(cfg, rt, data, repeats=5):
     parts = {
         "classifier step (forward + backward)": lambda: molere.classifier_step(run, data, cfg, idx, stats),
         "look-ahead validation forward + backward": lookahead,
+        "JVP of the per-sample losses (dropout replayed)": jvp,
         "whole meta step (look-ahead + JVP + dw/dphi + Adam)": meta,
         "splitter step": lambda: molere.splitter_step(run, data, cfg, stats, val_idx),
     }
     print(f"| part of a MOLERE step ({'bf16 autocast, channels_last' if rt.device.type == 'cuda' else 'fp32'}"
-          f"{', compiled classifier' if rt.compile else ''}) | time |\n|---|---|")
+          f"{', compiled classifier and meta step' if rt.compile else ''}) | time |\n|---|---|")
     for name, fn in parts.items():
         fn()
         sync(rt.device)
@@ -105,7 +112,7 @@ def profile_meta_step(cfg, rt, data, repeats=5):
         for _ in range(repeats):
             fn()
         sync(rt.device)
-        print(f"| {name} | {(time.perf_counter() - t) / repeats * 1000:.1f} ms |")
+        print(f"| {name}{', compiled' if rt.compile else ''} | {(time.perf_counter() - t) / repeats * 1000:.1f} ms |")
 
 
 def main():
@@ -138,7 +145,7 @@ def main():
     rows = {m: statistics.median(t) for m, t in times.items()}
     print(f"| method | s/step (median of {b.repeats}) | images/s | all rounds (s/step) |\n|---|---|---|---|")
     for m, secs in rows.items():
-        print(f"| {m} | {secs / steps:.4f} | {steps * b.batch_size / secs:.1f} | "
+        print(f"| {m}{', compiled' if rt.compile else ''} | {secs / steps:.4f} | {steps * b.batch_size / secs:.1f} | "
               f"{', '.join(f'{t / steps:.4f}' for t in times[m])} |")
     if b.check_nan:
         _, run = timed_steps("molere", cfg, rt, data, b.check_nan, 0)
@@ -147,7 +154,7 @@ def main():
         print(f"{b.check_nan} MOLERE steps: parameters finite: {'yes' if finite else 'NO'}")
     if b.profile:
         profile_meta_step(cfg, rt, data)
-    print(f"molere/erm time ratio: {rows['molere'] / rows['erm']:.2f}")
+    print(f"molere/erm time ratio{' (compiled)' if rt.compile else ''}: {rows['molere'] / rows['erm']:.2f}")
 
 
 if __name__ == "__main__":
