@@ -13,32 +13,32 @@ Train-twice variants (LRW-Easy/Random/Hard) fix S_val from an ERM model's margin
     python molere.py --help
 
 The file reads in the order a run executes: config, data, networks, the LRW meta-gradient,
-the three steps of one training step, the MOLERE loop, results, CLI.
-Equation -> function: README.md, "Where each equation lives".
+the three steps of one training step, the MOLERE loop, the results table, CLI. The files a run
+reads and writes (CIFAR pickles, checkpoints, result records) are handled in molere_io.py, the
+fused weighted cross-entropy in kernels/. Equation -> function: README.md, "Where each
+equation lives".
 """
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
-import pickle
 import signal
-import socket
 import sys
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 from kernels import weighted_cross_entropy
+from molere_io import (ConfigError, DataError, UserError, append_result, device_name, has_checkpoint, load_cifar,
+                       make_writable_folder, read_checkpoint, read_results, write_checkpoint)
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -55,22 +55,6 @@ PAPER_GAIN_CIFAR100 = {"lrw-easy": -0.31, "lrw-random": 0.57, "lrw-hard": 1.72, 
 # The paper's Table 2: CIFAR-100 test accuracy (%) under class skew rho = 200/50/10/1 (SPEC section 6).
 PAPER_TABLE2 = {"molere": {200: 42.33, 50: 50.77, 10: 63.28, 1: 75.12},
                 "mwn": {200: 40.11, 50: 48.67, 10: 61.32, 1: 74.23}}
-
-
-class UserError(Exception):
-    """Bad input, missing data, a checkpoint that does not fit: the CLI prints one line, exit 2."""
-
-
-class ConfigError(UserError):
-    """A flag value that no run can use."""
-
-
-class DataError(UserError):
-    """Missing or unreadable data."""
-
-
-class ConfigMismatch(UserError):
-    """A checkpoint made under another Config."""
 
 
 def knob(default, help):
@@ -138,43 +122,38 @@ class Config:
 
     def problem(self):
         """The first value no run can use, as one line; None if all are fine."""
-        if self.dataset not in DATASETS:
-            return f"unknown --dataset {self.dataset!r}: choose from {', '.join(DATASETS)}"
-        if not 0 < self.delta <= 0.5:
-            return f"--delta must be in (0, 0.5], got {self.delta}"
-        if self.K < 1:
-            return f"--K must be at least 1, got {self.K}"
-        for name, allowed in (("meta_grad", ("fast", "reference")), ("weight_norm", ("batch", "none")),
-                              ("splitter_data", ("val", "all"))):
-            if getattr(self, name) not in allowed:
-                return f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, got {getattr(self, name)!r}"
-        if self.depth < 10 or (self.depth - 4) % 6:
-            return f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}"
-        for name in ("width", "epochs", "batch_size", "resplit_every", "hidden"):
-            if getattr(self, name) < 1:
-                return f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-        for name in ("lr", "meta_lr", "split_lr"):
-            if not 0 < getattr(self, name) < math.inf:
-                return f"--{name.replace('_', '-')} must be a finite positive number, got {getattr(self, name)}"
-        if not (0 <= self.momentum < 1 and 0 <= self.wd < math.inf and 0 < self.gamma <= 1):
-            return "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"
-        if not all(0 < m <= 1 for m in self.milestones):
-            return f"--milestones are fractions of --epochs, each in (0, 1], got {list(self.milestones)}"
-        if not (0 <= self.lambda_size < math.inf and 0 <= self.lambda_bal < math.inf):
-            return "--lambda-size and --lambda-bal must be finite and non-negative"
-        if not 0 <= self.dropout < 1 or self.warmup_epochs < 0 or self.train_subset < 0:
-            return "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"
-        if self.arch not in ("wrn", "resnet32"):
-            return f"--arch must be wrn or resnet32, got {self.arch!r}"
-        if not 1 <= self.imbalance < math.inf:
-            return f"--imbalance is a ratio n_max / n_min, at least 1, got {self.imbalance}"
-        kind, _, p = self.noise.partition(":")
-        if self.noise != "none" and not (kind in ("uniform", "pair") and _number(p) is not None and 0 < float(p) < 1):
-            return f"--noise must be none, uniform:p or pair:p with p in (0, 1), got {self.noise!r}"
-        kind, _, n = self.meta_set.partition(":")
-        if self.meta_set != "split" and not (kind == "clean" and n.isdigit() and int(n) > 0):
-            return f"--meta-set must be split or clean:N with N >= 1, got {self.meta_set!r}"
-        return None
+        flag = lambda name: "--" + name.replace("_", "-")
+        choice = lambda name, allowed: (getattr(self, name) in allowed, f"{flag(name)} must be "
+                                        f"{' or '.join(allowed)}, got {getattr(self, name)!r}")
+        noise, _, p = self.noise.partition(":")
+        meta, _, n = self.meta_set.partition(":")
+        checks = [
+            (self.dataset in DATASETS, f"unknown --dataset {self.dataset!r}: choose from {', '.join(DATASETS)}"),
+            (0 < self.delta <= 0.5, f"--delta must be in (0, 0.5], got {self.delta}"),
+            (self.K >= 1, f"--K must be at least 1, got {self.K}"),
+            choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
+            choice("splitter_data", ("val", "all")), choice("arch", ("wrn", "resnet32")),
+            (self.depth >= 10 and (self.depth - 4) % 6 == 0,
+             f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}"),
+            *((getattr(self, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(self, k)}")
+              for k in ("width", "epochs", "batch_size", "resplit_every", "hidden")),
+            *((0 < getattr(self, k) < math.inf, f"{flag(k)} must be a finite positive number, got {getattr(self, k)}")
+              for k in ("lr", "meta_lr", "split_lr")),
+            (0 <= self.momentum < 1 and 0 <= self.wd < math.inf and 0 < self.gamma <= 1,
+             "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"),
+            (all(0 < m <= 1 for m in self.milestones),
+             f"--milestones are fractions of --epochs, each in (0, 1], got {list(self.milestones)}"),
+            (0 <= self.lambda_size < math.inf and 0 <= self.lambda_bal < math.inf,
+             "--lambda-size and --lambda-bal must be finite and non-negative"),
+            (0 <= self.dropout < 1 and self.warmup_epochs >= 0 and self.train_subset >= 0,
+             "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"),
+            (1 <= self.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {self.imbalance}"),
+            (self.noise == "none" or (noise in ("uniform", "pair") and 0 < (_number(p) or 0) < 1),
+             f"--noise must be none, uniform:p or pair:p with p in (0, 1), got {self.noise!r}"),
+            (self.meta_set == "split" or (meta == "clean" and n.isdigit() and int(n) > 0),
+             f"--meta-set must be split or clean:N with N >= 1, got {self.meta_set!r}"),
+        ]
+        return next((message for ok, message in checks if not ok), None)
 
     LATER = ("arch", "imbalance", "noise", "meta_set")  # added after results were recorded
 
@@ -198,93 +177,6 @@ class Runtime:
     eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
 
 # ----------------------------------------------------------------------------- data
-
-
-CIFAR = {
-    "cifar10": dict(folder="cifar-10-batches-py", labels="labels", classes=10,
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"]),
-    "cifar100": dict(folder="cifar-100-python", labels="fine_labels", classes=100,
-                     train=["train"], test=["test"]),
-}
-
-
-def find_cifar(root, name):
-    spec = CIFAR[name]
-    for folder in (os.path.join(root, spec["folder"]), root):
-        if all(os.path.isfile(os.path.join(folder, f)) for f in spec["train"] + spec["test"]):
-            return folder
-    return None
-
-
-def download_cifar(root, name):
-    """torchvision's download helper, with its URL and MD5 checksum. Returns an error or None."""
-    import torchvision
-    tv = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-    print(f"{name}: not under {root}, downloading with torchvision (MD5-checked) ...", flush=True)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)
-    try:
-        torchvision.datasets.utils.download_and_extract_archive(
-            tv.url, download_root=root, filename=tv.filename, md5=tv.tgz_md5)
-        return None
-    except Exception as e:  # no network, bad checksum, disk full: all end in one line
-        return f"{type(e).__name__}: {e}".splitlines()[0][:160]
-    finally:
-        socket.setdefaulttimeout(old)
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """Reads a CIFAR pickle without running anything from the file: only the globals that the
-    real files use (numpy arrays and dtypes, and bytes as Python 3 pickles them) are admitted.
-    Everything else (os.system, eval, any class) is refused before it is looked up."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR file holds only "
-                                         f"dicts, lists, strings, bytes, numbers and numpy arrays")
-        return super().find_class(module, name)
-
-
-def read_cifar_pickles(folder, files, label_key, classes):
-    """Our own reader for the python-pickle CIFAR layout: dict with 'data' (n x 3072 uint8,
-    R plane, G plane, B plane) and a list of integer labels."""
-    xs, ys = [], []
-    for f in files:
-        path = os.path.join(folder, f)
-        try:
-            with open(path, "rb") as fh:
-                d = CifarUnpickler(fh, encoding="latin1").load()
-            x = np.asarray(d["data"], dtype=np.uint8)
-            y = np.asarray(d[label_key], dtype=np.int64)
-        except Exception as e:
-            raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})")
-        if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-            raise DataError(f"{path}: expected 'data' of shape (n, 3072) and n labels, got "
-                            f"{x.shape} and {len(y)}")
-        if len(y) and (y.min() < 0 or y.max() >= classes):
-            raise DataError(f"{path}: labels outside [0, {classes})")
-        xs.append(x.reshape(-1, 3, 32, 32))
-        ys.append(y)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def load_cifar(root, name, download=True):
-    spec = CIFAR[name]
-    folder = find_cifar(root, name)
-    why = "download disabled (--no-download)"
-    if folder is None and download:
-        why = download_cifar(root, name) or "the download did not produce the expected files"
-        folder = find_cifar(root, name)
-    if folder is None:
-        files = ", ".join(spec["train"] + spec["test"])
-        raise DataError(f"{name} not found: place the python version ({spec['folder']}/ with "
-                        f"{files}) under --data-root {root} [{why}]")
-    x, y = read_cifar_pickles(folder, spec["train"], spec["labels"], spec["classes"])
-    xt, yt = read_cifar_pickles(folder, spec["test"], spec["labels"], spec["classes"])
-    return x, y, xt, yt, spec["classes"]
 
 
 def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled=0.08, seed=1234):
@@ -909,51 +801,13 @@ def checkpoint_path(rt, cfg, method, seed):
     return os.path.join(rt.out, f"{cfg.dataset}-{method}-seed{seed}.pt")
 
 
-def has_checkpoint(path):
-    return os.path.exists(path) or os.path.exists(path + ".prev")
-
-
 def save_checkpoint(run, path, cfg):
-    """Written to a temporary file and fsynced, then renamed into place; the previous epoch's
-    checkpoint is kept as PATH.prev until the new one is in place, so at every instant one
-    complete checkpoint exists. Only tensors, numbers, strings, lists and dicts: readable with
-    torch.load(weights_only=True)."""
+    """Everything a run owns, as tensors, numbers, strings, lists and dicts only (readable with
+    torch.load(weights_only=True)), written crash-safe (molere_io.write_checkpoint)."""
     ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
     ckpt.update(config=cfg.as_dict(), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
                 elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(path):
-        os.replace(path, path + ".prev")
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path, cfg):
-    """The checkpoint at `path`, or the previous epoch's (PATH.prev) if that one cannot be read.
-    Loading never runs code from the file (weights_only=True); a file that would is refused."""
-    why = "missing"
-    for candidate in (path, path + ".prev"):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, corrupt, or holding code to run: never unpickled
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'unreadable'}"
-            print(f"warning: checkpoint {candidate} is unreadable ({why})", file=sys.stderr)
-            continue
-        theirs, ours = ckpt.get("config", {}), cfg.as_dict()
-        if theirs != ours:
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            raise ConfigMismatch(f"{candidate} is from a different config (differs in: {', '.join(diff)}); "
-                                 f"use another --out or the same flags")
-        if candidate != path:
-            print(f"warning: falling back to the previous epoch's checkpoint {candidate}", file=sys.stderr)
-        return ckpt
-    raise UserError(f"checkpoint {path} cannot be read ({why}) and no readable previous one exists: "
-                    f"delete it to train that run from the start")
+    write_checkpoint(path, ckpt)
 
 
 def restore(run, ckpt):
@@ -991,7 +845,7 @@ def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
     run = Run(cfg, method, seed, data, rt.device, rt.compile)
     tag = f"[{method} seed {seed}]"
     if rt.resume and has_checkpoint(path):
-        restore(run, read_checkpoint(path, cfg))
+        restore(run, read_checkpoint(path, cfg.as_dict()))
         print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
     elif method == "molere":
         run.val_mask = random_split(data, cfg.delta, 20_000 + seed)
@@ -1045,11 +899,8 @@ def progress_line(tag, e, run, epochs):
     if "split_fit" in e:
         parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_l_val']:.3f} "
                      f"R_size {e['split_r_size']:.4f} R_bal {e['split_r_bal']:.4f}")
-    if "val_err" in e:
-        kept = "" if e["val_err_kept"] is None else f" (kept {e['val_err_kept']:.1%}"
-        kept += "" if e["val_err_new"] is None else f"{', ' if kept else ' ('}new {e['val_err_new']:.1%}"
-        parts.append(f"new split: err val {e['val_err']:.1%}{kept + ')' if kept else ''} train "
-                     f"{e['train_err']:.1%}, kept {e['split_kept']:.0%}")
+    if "val_err" in e:  # a re-split: the classifier's error on the new S_val and S_tr (details in the log)
+        parts.append(f"new split: err val {e['val_err']:.1%} train {e['train_err']:.1%}, kept {e['split_kept']:.0%}")
     if "test_acc" in e:
         parts.append(f"test {e['test_acc']:.2f}%")
     h, rest = divmod(int(eta), 3600)
@@ -1057,48 +908,7 @@ def progress_line(tag, e, run, epochs):
     return " | ".join(parts)
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
-    return f"CPU x{torch.get_num_threads()} threads"
-
-# ----------------------------------------------------------------------------- results and report
-
-
-def read_results(path, cfg_hash=None):
-    """Result records, one JSON line per finished run. A torn line (a process killed while
-    writing it) is skipped with one warning; that run counts as unfinished, so --resume
-    reports it again from its checkpoint."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        print(f"warning: {path} line {n} is a torn record, skipped; --resume reports that "
-                              f"run again from its checkpoint", file=sys.stderr)
-    return [r for r in rows if cfg_hash is None or r.get("config_hash") == cfg_hash]
-
-
-def append_result(path, result):
-    """Append one record under an exclusive lock, fsynced: two processes sharing --out never
-    interleave, and a crash leaves at most a torn last line, which the next append closes."""
-    line = (json.dumps(result) + "\n").encode()
-    with open(path, "ab+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        if f.seek(0, os.SEEK_END):
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = b"\n" + line
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+# ----------------------------------------------------------------------------- the results table (SPEC section 5)
 
 
 def mean_std(xs):
@@ -1217,14 +1027,14 @@ def check_plan(cfg, rt, plan, seeds, data):
             if has_checkpoint(path):
                 if not rt.resume:
                     raise UserError(f"{path} exists: pass --resume to continue it, or use another --out")
-                read_checkpoint(path, cfg)
+                read_checkpoint(path, cfg.as_dict())
 
 
 def finished_erm(cfg, rt, seed, data, budget):
     """The ERM model of this config and seed, for the train-twice margins (trained if needed)."""
     path = checkpoint_path(rt, cfg, "erm", seed)
     if has_checkpoint(path):
-        ckpt = read_checkpoint(path, cfg)
+        ckpt = read_checkpoint(path, cfg.as_dict())
         if ckpt["epoch"] == cfg.epochs:
             run = Run(cfg, "erm", seed, data, rt.device)
             run.model.load_state_dict(ckpt["model"])
@@ -1295,13 +1105,7 @@ def setup(argv=None):
             return args, cfg, rt, None
         data = load_data(cfg, device, args.data_root, not args.no_download)
         check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
-        try:
-            os.makedirs(rt.out, exist_ok=True)
-            with open(os.path.join(rt.out, ".write-test"), "w"):
-                pass
-            os.remove(os.path.join(rt.out, ".write-test"))
-        except OSError as e:
-            raise UserError(f"--out {rt.out} cannot be created or written ({e.strerror or e})")
+        make_writable_folder(rt.out, "--out")
     except UserError as e:
         fail(str(e))
     return args, cfg, rt, data

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import molere
+import molere_io
 from tools import analyze
 
 
@@ -34,7 +35,7 @@ def test_tables_follow_the_records(tmp_path, capsys):
                  "--dropout", "0", "--batch-size", "20", "--epochs", "2", "--warmup-epochs", "1",
                  "--resplit-every", "1", "--hidden", "8", "--seeds", "0", "1", "--out", str(out), "--eval-every", "1"])
     capsys.readouterr()
-    rows = molere.read_results(str(out / "results.jsonl"))
+    rows = molere_io.read_results(str(out / "results.jsonl"))
     by = molere.accuracy_by_seed(rows)
     table = analyze.comparison_table(rows)
     pairs = [(a, b) for a, b, _ in analyze.COMPARISONS if a in by and b in by]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import molere
+import molere_io
 from kernels import weighted_cross_entropy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,7 +294,7 @@ def write_cifar(root, name, n_train, n_test, seed=0):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_pickle_reader(tmp_path, name):
     _, written = write_cifar(str(tmp_path), name, 20 if name == "cifar10" else 200, 30, seed=fresh_seed())
-    x, y, xt, yt, classes = molere.load_cifar(str(tmp_path), name, download=False)
+    x, y, xt, yt, classes = molere_io.load_cifar(str(tmp_path), name, download=False)
     assert classes == (10 if name == "cifar10" else 100)
     src_x, src_y = written["train"]
     assert x.shape == (len(src_x), 3, 32, 32) and x.dtype == torch.uint8
@@ -569,18 +570,18 @@ def test_torn_result_record_is_skipped_and_reported_again(tmp_path, capsys):
     text = run_main(common + ["--resume"], capsys)
     assert "line 2 is a torn record" in text.err and len(text.err.strip().splitlines()) <= 3
     assert "[erm seed 0] finished earlier" in text.out and "[erm seed 1] resumed" in text.out
-    rows = molere.read_results(str(path))  # the torn half line closed off, the record written anew
+    rows = molere_io.read_results(str(path))  # the torn half line closed off, the record written anew
     assert sorted(r["seed"] for r in rows) == [0, 1]
     assert rows[1]["test_acc"] == json.loads(lines[1])["test_acc"]
 
 
 def test_two_writers_never_interleave(tmp_path):
     path = str(tmp_path / "results.jsonl")
-    code = ("import sys, molere\nfor i in range(40):\n"
-            "    molere.append_result(sys.argv[1], dict(writer=sys.argv[2], i=i, pad='x' * 200_000))\n")
+    code = ("import sys, molere_io\nfor i in range(40):\n"
+            "    molere_io.append_result(sys.argv[1], dict(writer=sys.argv[2], i=i, pad='x' * 200_000))\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, path, w], cwd=ROOT) for w in "ab"]
     assert all(p.wait(timeout=120) == 0 for p in procs)
-    rows = molere.read_results(path)
+    rows = molere_io.read_results(path)
     assert len(rows) == 80
     for w in "ab":
         assert [r["i"] for r in rows if r["writer"] == w] == list(range(40))
@@ -595,7 +596,7 @@ def test_unreadable_checkpoint_falls_back_or_says_what_to_do(tmp_path, capsys):
     ckpt.write_bytes(ckpt.read_bytes()[:5000])  # truncated
     text = run_main(common + ["--resume"], capsys)
     assert "falling back to the previous epoch's checkpoint" in text.err and "resumed" in text.out
-    assert "at epoch 1" in text.out and molere.read_results(str(tmp_path / "results.jsonl"))
+    assert "at epoch 1" in text.out and molere_io.read_results(str(tmp_path / "results.jsonl"))
     for f in tmp_path.glob("*.pt*"):
         f.write_bytes(b"garbage")
     (tmp_path / "results.jsonl").unlink()
@@ -662,7 +663,7 @@ def test_scheduler_with_two_cpu_workers_gives_the_serial_results(tmp_path):
     lines = par.stdout.splitlines()
     assert all(line.startswith("[") for line in lines[1:] if line and not line.startswith(("|", "results on")))
     assert "| molere | 1 |" in par.stdout  # the table at the end
-    a, b = ({(r["method"], r["seed"]): r for r in molere.read_results(str(tmp_path / d / "results.jsonl"))}
+    a, b = ({(r["method"], r["seed"]): r for r in molere_io.read_results(str(tmp_path / d / "results.jsonl"))}
             for d in ("serial", "par"))
     assert set(a) == set(b) == {(m, 0) for m in molere.ALL}
     for k in a:
@@ -734,7 +735,7 @@ def test_noisy_labels_with_a_clean_meta_set_end_to_end(tmp_path, capsys):
     text = run_main(["--dataset", "synthetic", "--train-subset", "200", "--noise", "uniform:0.4",
                      "--meta-set", "clean:20", "--arch", "resnet32", "--method", "erm,lrw-random,mwn,molere",
                      "--epochs", "2", "--out", str(out)] + TINY, capsys).out
-    rows = {r["method"]: r for r in molere.read_results(str(out / "results.jsonl"))}
+    rows = {r["method"]: r for r in molere_io.read_results(str(out / "results.jsonl"))}
     assert set(rows) == {"erm", "lrw-random", "mwn", "molere"} and "| mwn (baseline) | 1 |" in text
     data = molere.load_data(molere.Config(dataset="synthetic", train_subset=200, noise="uniform:0.4",
                                           meta_set="clean:20"), torch.device("cpu"))

@@ -26,6 +26,7 @@ import statistics
 import torch
 
 import molere
+import molere_io
 
 BINS = [-1.0, -0.5, 0.0, 0.5, 1.0001]
 
@@ -343,7 +344,7 @@ def main():
     p.add_argument("--figures", help="folder for the PNG figures")
     p.add_argument("--into", help="a markdown file whose analyze block for these results gets the tables")
     a = p.parse_args()
-    rows = molere.read_results(a.results)
+    rows = molere_io.read_results(a.results)
     if not rows:
         raise SystemExit(f"analyze: error: no results in {a.results}")
     rows = [r for r in rows if r["config_hash"] == rows[-1]["config_hash"]]

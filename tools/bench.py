@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import molere
+import molere_io
 
 
 def eager_weighted_ce(logits, labels, weights, reduction="mean", ignore_index=-100, return_losses=False):
@@ -137,7 +138,7 @@ def main():
     data = molere.load_data(cfg, device)
     steps = -(-b.steps // b.K) * b.K
     print(f"WRN-{b.depth}-{b.width}, batch {b.batch_size}, K={b.K}, {steps} timed steps, "
-          f"{molere.device_name(device)}, torch {torch.__version__}")
+          f"{molere_io.device_name(device)}, torch {torch.__version__}")
     times = {"erm": [], "erm, eager CE": [], "molere": []}
     for _ in range(b.repeats):  # alternate the two, so drifts of the machine hit both alike
         for method in times:

@@ -23,6 +23,7 @@ import time
 import torch
 
 import molere
+import molere_io
 
 NEEDS_ERM = ("lrw-easy", "lrw-hard")
 
@@ -30,7 +31,7 @@ NEEDS_ERM = ("lrw-easy", "lrw-hard")
 def jobs_of(args, cfg):
     """(method, seed) runs still to do, in plan order; a seed's ERM added where a train-twice
     run needs it and no finished record exists (as molere.py alone would train it too)."""
-    done = {(r["method"], r["seed"]) for r in molere.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash())}
+    done = {(r["method"], r["seed"]) for r in molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash())}
     todo = []
     for seed in args.seeds:
         plan = molere.plan_of(args.method)
@@ -111,7 +112,7 @@ def main():
         print(f"\ninterrupted: rerun the same command to continue ({args.out} keeps every finished epoch)",
               file=sys.stderr)
         sys.exit(130)
-    print(molere.report_table(molere.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash()), cfg.dataset))
+    print(molere.report_table(molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash()), cfg.dataset))
     if failed:
         molere.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 

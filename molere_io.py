@@ -1,0 +1,223 @@
+"""
+The files molere.py reads and writes, and what can go wrong with them, kept apart so that
+molere.py reads as the method:
+  CIFAR pickles     read by our own reader through an unpickler that runs no code
+  checkpoints       written atomically with the previous epoch's kept; loaded weights_only
+  result records    one JSON line per finished run, appended under a lock, torn lines skipped
+and the errors the CLI turns into one line.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import pickle
+import socket
+import sys
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """Bad input, missing data, a checkpoint that does not fit: the CLI prints one line, exit 2."""
+
+
+class ConfigError(UserError):
+    """A flag value that no run can use."""
+
+
+class DataError(UserError):
+    """Missing or unreadable data."""
+
+
+class ConfigMismatch(UserError):
+    """A checkpoint made under another Config."""
+
+# ----------------------------------------------------------------------------- CIFAR pickles
+
+
+CIFAR = {
+    "cifar10": dict(folder="cifar-10-batches-py", labels="labels", classes=10,
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"]),
+    "cifar100": dict(folder="cifar-100-python", labels="fine_labels", classes=100,
+                     train=["train"], test=["test"]),
+}
+
+
+def find_cifar(root, name):
+    spec = CIFAR[name]
+    for folder in (os.path.join(root, spec["folder"]), root):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in spec["train"] + spec["test"]):
+            return folder
+    return None
+
+
+def download_cifar(root, name):
+    """torchvision's download helper, with its URL and MD5 checksum. Returns an error or None."""
+    import torchvision
+    tv = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    print(f"{name}: not under {root}, downloading with torchvision (MD5-checked) ...", flush=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        torchvision.datasets.utils.download_and_extract_archive(
+            tv.url, download_root=root, filename=tv.filename, md5=tv.tgz_md5)
+        return None
+    except Exception as e:  # no network, bad checksum, disk full: all end in one line
+        return f"{type(e).__name__}: {e}".splitlines()[0][:160]
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR pickle without running anything from the file: only the globals that the
+    real files use (numpy arrays and dtypes, and bytes as Python 3 pickles them) are admitted.
+    Everything else (os.system, eval, any class) is refused before it is looked up."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR file holds only "
+                                         f"dicts, lists, strings, bytes, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
+def read_cifar_pickles(folder, files, label_key, classes):
+    """Our own reader for the python-pickle CIFAR layout: dict with 'data' (n x 3072 uint8,
+    R plane, G plane, B plane) and a list of integer labels."""
+    xs, ys = [], []
+    for f in files:
+        path = os.path.join(folder, f)
+        try:
+            with open(path, "rb") as fh:
+                d = CifarUnpickler(fh, encoding="latin1").load()
+            x = np.asarray(d["data"], dtype=np.uint8)
+            y = np.asarray(d[label_key], dtype=np.int64)
+        except Exception as e:
+            raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})")
+        if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+            raise DataError(f"{path}: expected 'data' of shape (n, 3072) and n labels, got "
+                            f"{x.shape} and {len(y)}")
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise DataError(f"{path}: labels outside [0, {classes})")
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar(root, name, download=True):
+    spec = CIFAR[name]
+    folder = find_cifar(root, name)
+    why = "download disabled (--no-download)"
+    if folder is None and download:
+        why = download_cifar(root, name) or "the download did not produce the expected files"
+        folder = find_cifar(root, name)
+    if folder is None:
+        files = ", ".join(spec["train"] + spec["test"])
+        raise DataError(f"{name} not found: place the python version ({spec['folder']}/ with "
+                        f"{files}) under --data-root {root} [{why}]")
+    x, y = read_cifar_pickles(folder, spec["train"], spec["labels"], spec["classes"])
+    xt, yt = read_cifar_pickles(folder, spec["test"], spec["labels"], spec["classes"])
+    return x, y, xt, yt, spec["classes"]
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def has_checkpoint(path):
+    return os.path.exists(path) or os.path.exists(path + ".prev")
+
+
+def write_checkpoint(path, ckpt):
+    """Written to a temporary file and fsynced, then renamed into place; the previous epoch's
+    checkpoint is kept as PATH.prev until the new one is in place, so at every instant one
+    complete checkpoint exists."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, config):
+    """The checkpoint at `path`, or the previous epoch's (PATH.prev) if that one cannot be read;
+    refused if it was made under another config (`config`: the run's Config.as_dict()).
+    Loading never runs code from the file (weights_only=True); a file that would is refused."""
+    why = "missing"
+    for candidate in (path, path + ".prev"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, corrupt, or holding code to run: never unpickled
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'unreadable'}"
+            print(f"warning: checkpoint {candidate} is unreadable ({why})", file=sys.stderr)
+            continue
+        theirs, ours = ckpt.get("config", {}), config
+        if theirs != ours:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ConfigMismatch(f"{candidate} is from a different config (differs in: {', '.join(diff)}); "
+                                 f"use another --out or the same flags")
+        if candidate != path:
+            print(f"warning: falling back to the previous epoch's checkpoint {candidate}", file=sys.stderr)
+        return ckpt
+    raise UserError(f"checkpoint {path} cannot be read ({why}) and no readable previous one exists: "
+                    f"delete it to train that run from the start")
+
+# ----------------------------------------------------------------------------- result records
+
+
+def read_results(path, cfg_hash=None):
+    """Result records, one JSON line per finished run. A torn line (a process killed while
+    writing it) is skipped with one warning; that run counts as unfinished, so --resume
+    reports it again from its checkpoint."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        print(f"warning: {path} line {n} is a torn record, skipped; --resume reports that "
+                              f"run again from its checkpoint", file=sys.stderr)
+    return [r for r in rows if cfg_hash is None or r.get("config_hash") == cfg_hash]
+
+
+def append_result(path, result):
+    """Append one record under an exclusive lock, fsynced: two processes sharing --out never
+    interleave, and a crash leaves at most a torn last line, which the next append closes."""
+    line = (json.dumps(result) + "\n").encode()
+    with open(path, "ab+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def make_writable_folder(folder, flag):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(folder, ".write-test"))
+    except OSError as e:
+        raise UserError(f"{flag} {folder} cannot be created or written ({e.strerror or e})")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+    return f"CPU x{torch.get_num_threads()} threads"
