@@ -9,7 +9,9 @@ meta and splitter steps is exact), in --repeats alternating rounds; the median r
 Split refreshes and evaluation are outside the timed region: they cost one eval pass over S
 every R epochs, which this measures nowhere. With --check-nan N it also runs N MOLERE steps
 and checks that the classifier, meta-network and splitter parameters stay finite.
-The last line printed is `molere/erm time ratio: X.XX`.
+With --compile, as training's --compile: the classifier's plain steps and evaluation and the
+meta step's look-ahead and JVP are compiled (compile time falls in the untimed warm-up steps).
+The last line printed is `molere/erm time ratio: X.XX` (`... ratio (compiled): X.XX`).
 """
 import argparse
 import contextlib
@@ -126,7 +128,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per method; the median counts")
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="as molere.py --compile")
     p.add_argument("--check-nan", type=int, default=0, help="also run this many MOLERE steps and check for NaN")
     p.add_argument("--profile", action="store_true", help="also time the parts of one meta step")
     b = p.parse_args()
