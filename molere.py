@@ -637,7 +637,7 @@ class Run:
         self.model = make_model(cfg, data.classes).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.fwd = torch.compile(self.model) if compile else self.model  # replays no dropout masks
+        self.fwd = torch.compile(self.model) if compile else self.model  # plain steps, evaluation: no masks to replay
         self.compiled = compile  # the fast meta step's look-ahead and JVP too (`Compiled`)
         feats = self.model.features
         self.meta = (LossNet(cfg.hidden) if method == "mwn" else SampleNet(feats, data.classes, cfg.hidden)).to(device)
