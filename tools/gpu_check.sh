@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU (bash reproduce.sh gpu-check), under 8 minutes:
-# environment, kernel benchmark, WRN-28-10 ERM vs MOLERE step throughput at batch 128
+# environment, CUDA-only tests, kernel benchmark, WRN-28-10 ERM vs MOLERE step throughput at batch 128
 # (bf16 autocast, channels_last), eager and under --compile, and 200 MOLERE steps checked
 # for NaN. One table last.
 set -uo pipefail
@@ -10,13 +10,20 @@ log=$(mktemp)
 echo "== environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log" | sed 's/^/gpu: /'
 "$PY" -c "import torch, triton; print(f'SUMMARY versions: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.version.cuda}')" | tee -a "$log"
+echo "== CUDA-only tests: the kernel in a CUDA graph; the compiled meta-gradient (dropout replayed) vs the reference"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  result=$(timeout 80 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda 2>&1 | tee /dev/stderr | tail -1)
+  echo "SUMMARY CUDA-only tests: ${result:-no result (timed out?)}" | tee -a "$log"
+else
+  echo "SUMMARY CUDA-only tests: not run (no pytest for $PY)" | tee -a "$log"
+fi
 echo "== kernel benchmark"
-timeout 120 "$PY" -m tools.kernel_bench 2>&1 | tee -a "$log"
+timeout 100 "$PY" -m tools.kernel_bench 2>&1 | tee -a "$log"
 echo "== WRN-28-10 step throughput, batch 128, bf16, channels_last; 200 MOLERE steps NaN check"
-timeout 180 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --repeats 2 --device cuda \
+timeout 170 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --repeats 2 --device cuda \
   --check-nan 200 --profile 2>&1 | tee -a "$log"
 echo "== the same under --compile (classifier, look-ahead and JVP compiled; compile time in the warm-up)"
-timeout 150 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 10 --repeats 1 --device cuda \
+timeout 120 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 10 --repeats 1 --device cuda \
   --compile --profile 2>&1 | tee -a "$log"
 echo
 echo "| check | result |"
