@@ -88,11 +88,11 @@ def profile_meta_step(cfg, rt, data, repeats=5):
         with molere.autocast(rt.device):
             molere.lookahead_val_grad(run.model, grads, cfg.lr, x, y, rt.compile)
 
-    def jvp():
+    def jvp():  # G stands in for v as the tangent: the same cost
         params = {n: p.detach() for n, p in run.model.named_parameters()}
+        loss_jvp = molere.compiled_loss_jvp if rt.compile else molere.loss_jvp
         with molere.autocast(rt.device), molere.replay_rng(rng, rt.device):
-            (molere.compiled_loss_jvp if rt.compile else molere.loss_jvp)(run.model, params, dict(zip(params, grads)),
-                                                                          x, y)
+            loss_jvp(run.model, params, dict(zip(params, grads)), x, y)
 
     def meta():
         for p, g in zip(run.model.parameters(), grads):
