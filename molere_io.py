@@ -157,9 +157,9 @@ def read_checkpoint(path, config):
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'unreadable'}"
             print(f"warning: checkpoint {candidate} is unreadable ({why})", file=sys.stderr)
             continue
-        theirs, ours = ckpt.get("config", {}), config
-        if theirs != ours:
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        theirs = ckpt.get("config", {})
+        if theirs != config:
+            diff = sorted(k for k in set(config) | set(theirs) if config.get(k) != theirs.get(k))
             raise ConfigMismatch(f"{candidate} is from a different config (differs in: {', '.join(diff)}); "
                                  f"use another --out or the same flags")
         if candidate != path:
@@ -203,7 +203,11 @@ def append_result(path, result):
         os.fsync(f.fileno())
 
 
+# ----------------------------------------------------------------------------- the output folder, the machine
+
+
 def make_writable_folder(folder, flag):
+    """Create `folder` and prove it writable before any work, or one line naming the flag."""
     try:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, ".write-test"), "w"):
