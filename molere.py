@@ -46,8 +46,10 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # n
 
 METHODS = ("erm", "erm-tr", "lrw-random", "lrw-easy", "lrw-hard", "molere", "mwn")
 ALL = METHODS[:-1]  # what --method all runs: the paper's methods and the control
-CONTROLS = {"erm-tr": "ERM on S_tr of LRW-Random's split: the price of holding delta of S out (SPEC section 4)"}
-BASELINES = {"mwn": "Meta-Weight-Net (Shu et al. 2019): weight from the per-sample loss, meta step every step"}
+# erm-tr: ERM on S_tr of LRW-Random's split, the price of holding delta of S out (SPEC section 4).
+# mwn: Meta-Weight-Net (Shu et al. 2019), weights from the per-sample loss, a meta step every step.
+ROLE = {"erm-tr": "control", "mwn": "baseline"}  # how tables label the methods that are not the paper's
+NEEDS_ERM = ("lrw-easy", "lrw-hard")  # train-twice: S_val from a finished ERM model's margins
 DATASETS = ("synthetic", "cifar10", "cifar100")
 # The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 6).
 # Printed beside our numbers, labelled as the paper's; never used as a result.
@@ -242,7 +244,7 @@ class Data:
     classes: int
     mean: torch.Tensor     # per-channel pixel statistics of S, for normalisation
     std: torch.Tensor
-    y_true: torch.Tensor = None     # labels before --noise
+    y_true: torch.Tensor   # labels before --noise (= y without it)
     meta_mask: torch.Tensor = None  # --meta-set clean:N: the fixed clean S_val
 
 
@@ -885,7 +887,7 @@ def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
         test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
         train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
         train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
-        noisy=None if data.y_true is None else (data.y != data.y_true).nonzero().squeeze(1).tolist(),
+        noisy=(data.y != data.y_true).nonzero().squeeze(1).tolist(),
         val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
         device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
@@ -924,10 +926,14 @@ def accuracy_by_seed(rows):
     return by
 
 
-def paired_gains(by, method):
-    """Per-seed gains of `method` over the ERM run of the same seed, in points, by seed order."""
-    erm = by.get("erm", {})
-    return [acc - erm[s] for s, acc in sorted(by[method].items()) if s in erm]
+def paired_gains(by, method, base="erm"):
+    """Per-seed differences `method` - `base` (accuracy of the same seed, in points), in seed
+    order, over the seeds both have."""
+    return [by[method][s] - by[base][s] for s in sorted(set(by.get(method, {})) & set(by.get(base, {})))]
+
+
+def method_label(m):
+    return f"{m} ({ROLE[m]})" if m in ROLE else m
 
 
 def paper_column(rows, dataset):
@@ -963,8 +969,7 @@ def report_table(rows, dataset):
         else:
             gain = pair = "—"
         paper = paper_of.get(m, "—")
-        name = f"{m} (control)" if m in CONTROLS else f"{m} (baseline)" if m in BASELINES else m
-        lines.append(f"| {name} | {len(accs)} | {mu:.2f} ± {sd:.2f} | {gain} | {pair} | {paper} |")
+        lines.append(f"| {method_label(m)} | {len(accs)} | {mu:.2f} ± {sd:.2f} | {gain} | {pair} | {paper} |")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- CLI
@@ -1056,7 +1061,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
             val_mask = None
             if data.meta_mask is not None and method not in ("erm", "molere"):
                 val_mask = data.meta_mask  # --meta-set clean:N: the fixed clean S_val
-            elif method in ("lrw-easy", "lrw-hard"):
+            elif method in NEEDS_ERM:
                 if erm_model is None:
                     erm_model, result = finished_erm(cfg, rt, seed, data, budget)
                     if result is not None and ("erm", seed) not in done:
@@ -1084,7 +1089,7 @@ def setup(argv=None):
         if unknown or ("all" in args.method.split(",") and args.method != "all"):
             raise ConfigError(f"unknown --method {args.method!r}: choose from {', '.join(METHODS + ('all',))}, "
                               f"or a comma list of methods")
-        if cfg.meta_set != "split" and {"lrw-easy", "lrw-hard"} & set(plan_of(args.method)):
+        if cfg.meta_set != "split" and set(NEEDS_ERM) & set(plan_of(args.method)):
             raise ConfigError(f"--meta-set {cfg.meta_set} fixes S_val, so LRW-Easy and LRW-Hard have no split to "
                               f"choose: run erm,erm-tr,lrw-random,mwn,molere")
         if min(args.seeds) < 0:

@@ -51,21 +51,11 @@ def t_test_p(diffs):
     return float(min(1.0, 2 * (w * f).sum() * (math.pi / 2 - lo) / (3 * steps)))
 
 
-def paired(by, a, b):
-    """Per-seed a - b over the seeds both have, in seed order."""
-    seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
-    return seeds, [by[a][s] - by[b][s] for s in seeds]
-
-
 def describe(diffs):
     p = t_test_p(diffs)
     signs = f"{sum(d > 0 for d in diffs)}+ / {sum(d < 0 for d in diffs)}−"
     return (f"{statistics.mean(diffs):+.2f}", f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "—",
             ", ".join(f"{d:+.2f}" for d in diffs), signs, "—" if p is None else f"{p:.3f}")
-
-
-def name(m):
-    return f"{m} (control)" if m in molere.CONTROLS else f"{m} (baseline)" if m in molere.BASELINES else m
 
 
 def accuracy_table(rows):
@@ -77,8 +67,8 @@ def accuracy_table(rows):
         if m not in by:
             continue
         mu, sd = molere.mean_std(list(by[m].values()))
-        cells = [name(m), str(len(by[m])), f"{mu:.2f} ± {sd:.2f}"]
-        seeds, d = paired(by, m, "erm")
+        cells = [molere.method_label(m), str(len(by[m])), f"{mu:.2f} ± {sd:.2f}"]
+        d = molere.paired_gains(by, m)
         cells += list(describe(d)) if m != "erm" and d else ["—"] * 5
         cells.append(molere.paper_column(rows, rows[0]["dataset"])[1].get(m, "—"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -86,7 +76,7 @@ def accuracy_table(rows):
     lines.append(f"\nPer-seed test accuracy (%), seeds {', '.join(map(str, seeds))}:")
     for m in molere.METHODS:
         if m in by:
-            lines.append(f"* {name(m)}: " + ", ".join(f"{by[m][s]:.2f}" for s in seeds if s in by[m]))
+            lines.append(f"* {molere.method_label(m)}: " + ", ".join(f"{by[m][s]:.2f}" for s in seeds if s in by[m]))
     return "\n".join(lines)
 
 
@@ -103,7 +93,7 @@ def comparison_table(rows):
     head = ["comparison", "what it isolates", "n", "mean (pp)", "± std", "per seed", "signs", "paired t p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a, b, what in COMPARISONS:
-        seeds, d = paired(by, a, b)
+        d = molere.paired_gains(by, a, b)
         if d:
             lines.append("| " + " | ".join([f"{a} − {b}", what, str(len(d))] + list(describe(d))) + " |")
     return "\n".join(lines)
@@ -120,7 +110,7 @@ def regime_table(rows):
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
         if not rs:
             continue
-        cells = [name(m), ", ".join(f"{r['train_acc']:.2f}" for r in rs)]
+        cells = [molere.method_label(m), ", ".join(f"{r['train_acc']:.2f}" for r in rs)]
         for key in ("w_spread", "w_loss_corr", "val_loss"):
             if key in rs[0]["log"][0]:
                 first = statistics.mean(r["log"][0][key] for r in rs)
@@ -169,7 +159,7 @@ def margin_table(gains):
            [f"ERM margin in [{lo:+.1f}, {min(hi, 1):+.1f})" for lo, hi in zip(BINS, BINS[1:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, (base, diff, n) in gains.items():
-        cells = [name(m), str(n), f"{diff.mean():+.4f}", f"{diff.median():+.4f}"]
+        cells = [molere.method_label(m), str(n), f"{diff.mean():+.4f}", f"{diff.median():+.4f}"]
         for lo, hi in zip(BINS, BINS[1:]):
             sel = (base >= lo) & (base < hi)
             cells.append(f"{diff[sel].mean():+.4f} (n={int(sel.sum())})" if sel.any() else "—")
@@ -186,7 +176,7 @@ def time_table(rows):
     for m in molere.METHODS:
         if m in by:
             t = statistics.mean(by[m])
-            lines.append(f"| {name(m)} | {', '.join(f'{x:.0f}' for x in by[m])} | {t:.0f} | "
+            lines.append(f"| {molere.method_label(m)} | {', '.join(f'{x:.0f}' for x in by[m])} | {t:.0f} | "
                          f"{f'{t / erm:.2f}' if erm else '—'} |")
     return "\n".join(lines)
 
@@ -220,7 +210,7 @@ def weight_table(curves):
         return None
     lines = ["| method | ERM margin bin centre: mean w~ (n images) |", "|---|---|"]
     for m, (x, w, n) in curves.items():
-        lines.append(f"| {name(m)} | " + "; ".join(f"{a:+.1f}: {b:.3f} ({c})" for a, b, c in zip(x, w, n)) + " |")
+        lines.append(f"| {molere.method_label(m)} | " + "; ".join(f"{a:+.1f}: {b:.3f} ({c})" for a, b, c in zip(x, w, n)) + " |")
     return "\n".join(lines)
 
 
@@ -247,7 +237,7 @@ def noise_table(weights):
     for m, entries in weights.items():
         for seed, clean, noisy in entries:  # AUC = P(w of a clean image > w of a noisy one), ties half
             auc = (clean[:, None] > noisy[None, :]).float().mean() + 0.5 * (clean[:, None] == noisy[None, :]).float().mean()
-            lines.append(f"| {name(m)} | {seed} | {clean.mean():.3f} | {noisy.mean():.3f} | {auc:.3f} |")
+            lines.append(f"| {molere.method_label(m)} | {seed} | {clean.mean():.3f} | {noisy.mean():.3f} | {auc:.3f} |")
     return "\n".join(lines)
 
 
@@ -271,7 +261,7 @@ def figures(rows, gains, curves, folder):
         """One line per method: series = {method: (x, y)}."""
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for m, (x, y) in series.items():
-            ax.plot(x, y, marker="o", label=name(m), **(dict(ls="--", color="k") if m.startswith("erm (") else {}))
+            ax.plot(x, y, marker="o", label=molere.method_label(m), **(dict(ls="--", color="k") if m.startswith("erm (") else {}))
         ax.axhline(baseline, color="k", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -292,7 +282,7 @@ def figures(rows, gains, curves, folder):
     for x, p in zip(xs, gains_by):
         ax.scatter([x - 0.2] * len(p), p, color="k", s=8, zorder=3)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(list(xs), [name(m).replace(" (", "\n(") for m in methods])
+    ax.set_xticks(list(xs), [molere.method_label(m).replace(" (", "\n(") for m in methods])
     ax.set_ylabel("test accuracy gain over ERM (points)")
     ax.legend(fontsize=8)
     save(fig, "gain_over_erm.png")
@@ -314,7 +304,7 @@ def figures(rows, gains, curves, folder):
             edges = torch.linspace(float(torch.cat([clean, noisy]).min()), float(torch.cat([clean, noisy]).max()) + 1e-6, 31)
             ax.hist(clean.tolist(), bins=edges.tolist(), alpha=0.6, label="clean label")
             ax.hist(noisy.tolist(), bins=edges.tolist(), alpha=0.6, label="flipped label")
-            ax.set_title(f"{name(m)}, seed {seed}", fontsize=9)
+            ax.set_title(f"{molere.method_label(m)}, seed {seed}", fontsize=9)
             ax.set_xlabel("learned weight / mean")
         axes[0][0].set_ylabel("training images")
         axes[0][0].legend(fontsize=7)
@@ -327,10 +317,10 @@ def figures(rows, gains, curves, folder):
             if not rs:
                 continue
             epochs = [e["epoch"] for e in rs[0]["log"]]
-            a1.plot(epochs, [statistics.mean(r["log"][i]["loss"] for r in rs) for i in range(len(epochs))], label=name(m))
+            a1.plot(epochs, [statistics.mean(r["log"][i]["loss"] for r in rs) for i in range(len(epochs))], label=molere.method_label(m))
             tested = [i for i, e in enumerate(rs[0]["log"]) if "test_acc" in e]
             a2.plot([epochs[i] for i in tested], [statistics.mean(r["log"][i]["test_acc"] for r in rs) for i in tested],
-                    marker=".", label=name(m))
+                    marker=".", label=molere.method_label(m))
         a1.set_xlabel("epoch"), a1.set_ylabel("training loss (unweighted, batch mean)")
         a2.set_xlabel("epoch"), a2.set_ylabel("test accuracy (%), plotted, never used to select")
         a2.legend(fontsize=7)

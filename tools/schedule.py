@@ -25,9 +25,6 @@ import torch
 import molere
 import molere_io
 
-NEEDS_ERM = ("lrw-easy", "lrw-hard")
-
-
 def jobs_of(args, cfg):
     """(method, seed) runs still to do, in plan order; a seed's ERM added where a train-twice
     run needs it and no finished record exists (as molere.py alone would train it too)."""
@@ -35,7 +32,7 @@ def jobs_of(args, cfg):
     todo = []
     for seed in args.seeds:
         plan = molere.plan_of(args.method)
-        if any(m in NEEDS_ERM for m in plan) and "erm" not in plan:
+        if any(m in molere.NEEDS_ERM for m in plan) and "erm" not in plan:
             plan = ["erm"] + plan
         todo += [(m, seed) for m in plan if (m, seed) not in done]
     return todo, done
@@ -90,10 +87,10 @@ def main():
                     failed.append(tag)
                     print(f"{tag} failed (exit {proc.returncode})", flush=True)
                     if method == "erm":  # its train-twice runs cannot start
-                        for job in [j for j in todo if j[0] in NEEDS_ERM and j[1] == seed]:
+                        for job in [j for j in todo if j[0] in molere.NEEDS_ERM and j[1] == seed]:
                             todo.remove(job)
                             print(f"[{job[0]} seed {seed}] not started: its ERM failed", flush=True)
-            for job in [j for j in todo if j[0] not in NEEDS_ERM or j[1] in erm_done]:
+            for job in [j for j in todo if j[0] not in molere.NEEDS_ERM or j[1] in erm_done]:
                 free = [w for w in range(workers) if w not in running]
                 if not free:
                     break
