@@ -9,7 +9,8 @@
 #   bash reproduce.sh cifar10-cpu  the CPU study of RESULTS.md section 1 (resumable), then its tables and figures
 #   bash reproduce.sh cifar10-noise the noisy-label CPU study of RESULTS.md section 2 (resumable; WORKERS=2 processes)
 #   bash reproduce.sh bench        kernel benchmark, then ERM vs MOLERE step time (last line: the ratio)
-#   bash reproduce.sh gpu-check    environment, kernel bench, WRN-28-10 throughput, 200 NaN-free MOLERE steps
+#   bash reproduce.sh gpu-check    environment, CUDA-only tests, kernel bench, WRN-28-10 throughput eager and
+#                                  --compile, 200 NaN-free MOLERE steps
 # Extra arguments pass through to molere.py. The first use creates .venv and installs requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
