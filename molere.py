@@ -44,11 +44,13 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # n
 
 # ----------------------------------------------------------------------------- config
 
-METHODS = ("erm", "erm-tr", "lrw-random", "lrw-easy", "lrw-hard", "molere", "mwn")
-ALL = METHODS[:-1]  # what --method all runs: the paper's methods and the control
+METHODS = ("erm", "erm-tr", "lrw-random", "lrw-easy", "lrw-hard", "molere", "mwn", "l2rw")
+ALL = METHODS[:-2]  # what --method all runs: the paper's methods and the control
 # erm-tr: ERM on S_tr of LRW-Random's split, the price of holding delta of S out (SPEC section 4).
 # mwn: Meta-Weight-Net (Shu et al. 2019), weights from the per-sample loss, a meta step every step.
-ROLE = {"erm-tr": "control", "mwn": "baseline"}  # how tables label the methods that are not the paper's
+# l2rw: Learning to Reweight (Ren et al. 2018), no meta-network: w_i ~ max(-g_i, 0) every step (SPEC section 8).
+ROLE = {"erm-tr": "control", "mwn": "baseline", "l2rw": "baseline"}  # methods that are not the paper's
+EVERY_STEP = ("mwn", "l2rw")  # a meta step on every classifier step (their papers' schedule), not every K
 NEEDS_ERM = ("lrw-easy", "lrw-hard")  # train-twice: S_val from a finished ERM model's margins
 DATASETS = ("synthetic", "cifar10", "cifar100")
 # The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 6).
@@ -246,6 +248,7 @@ class Data:
     std: torch.Tensor
     y_true: torch.Tensor   # labels before --noise (= y without it)
     meta_mask: torch.Tensor = None  # --meta-set clean:N: the fixed clean S_val
+    noisy: torch.Tensor = None      # --noise: which labels of S it flipped (y != y_true)
 
 
 def load_data(cfg, device, data_root="data", download=True):
@@ -280,7 +283,7 @@ def load_data(cfg, device, data_root="data", download=True):
     mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
     dev = lambda t: None if t is None else t.to(device)
     return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
-                dev(y_true), dev(meta_mask))
+                dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None)
 
 
 def get_batch(data, idx, augment, x=None):
@@ -587,10 +590,11 @@ def lookahead_val_grad(model, grads, alpha, xv, yv, compiled=False):
     return loss_val.detach(), torch.autograd.grad(loss_val, list(theta1.values()))
 
 
-def instance_weights(meta, h, y, weight_norm="none"):
-    """w_i = g_phi(x_i, y_i) = sigmoid(logit) in (0, 1); with weight_norm "batch" (SPEC section 1)
-    w~_i = w_i / mean_j w_j, differentiable in phi through the batch mean, so the classifier step
-    and the look-ahead use the same w~ and the meta-gradient stays exact."""
+def instance_weights(meta, h, y, weight_norm="batch"):
+    """w~ of a batch: w_i = g_phi(x_i, y_i) = sigmoid(logit) in (0, 1); with weight_norm "batch"
+    (SPEC section 1) w~_i = w_i / mean_j w_j, differentiable in phi through the batch mean, so
+    the classifier step and the look-ahead use the same w~ and the meta-gradient stays exact;
+    "none": w~ = w, the raw weights."""
     return normalised(torch.sigmoid(meta(h, y)), weight_norm)
 
 
@@ -598,25 +602,51 @@ def normalised(w, weight_norm):
     return w / w.mean() if weight_norm == "batch" else w
 
 
-def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm="none", compiled=False):
-    """Exact dL_val(theta'(phi))/dphi with no double backward (SPEC section 1, fast path):
-         dL_val/dphi = -(alpha / B) sum_i a_i dw~_i/dphi,   a_i = <grad_theta l_i(theta), v>,
+def weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng, compiled=False):
+    """The core of every look-ahead reweighting method (SPEC section 7), fast path: returns
+    (L_val(theta'), g) with theta' = theta - alpha * G, G = grad_theta mean_j w~_j l_j(theta), and
+         g_i = dL_val(theta') / dw~_i = -(alpha / B) a_i,   a_i = <grad_theta l_i(theta), v>,
     v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
     loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
-    Valid because w = g_phi(h.detach(), y) does not depend on theta in the graph.
-    `grads` = G at theta, which the classifier step has just computed for the same batch.
-    `compiled`: the look-ahead and the JVP run through torch.compile (see `Compiled`)."""
+    `grads` = G at the current w~, which the classifier step has just computed for the same
+    batch (all zeros: theta' = theta, L2RW's w~ = 0). `model` is any module whose forward
+    returns logits or a tuple that starts with them. `compiled`: the look-ahead and the JVP run
+    through torch.compile (see `Compiled`)."""
     loss_val, v = lookahead_val_grad(model, grads, alpha, xv, yv, compiled)
     params = {n: p.detach() for n, p in model.named_parameters()}
     with replay_rng(rng, x.device):
         _, a = (compiled_loss_jvp if compiled else loss_jvp)(model, params, dict(zip(params, v)), x, y)
+    return loss_val, -alpha * a / len(y)
+
+
+def weight_grad_reference(model, x, y, w, xv, yv, alpha, rng):
+    """The same (L_val(theta'), g) the direct way, at the given w~ (a vector of B numbers):
+    functional_call + create_graph=True through theta' = theta - alpha * grad_theta mean_i w~_i l_i,
+    then g = dL_val(theta') / dw~."""
+    w = w.detach().requires_grad_()
+    params = dict(model.named_parameters())
+    with replay_rng(rng, x.device):
+        losses = per_sample_losses(model, params, x, y)
+    grads = torch.autograd.grad((w * losses).mean(), list(params.values()), create_graph=True)
+    theta1 = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
+    loss_val = per_sample_losses(model, theta1, xv, yv).mean()
+    return loss_val.detach(), torch.autograd.grad(loss_val, w)[0]
+
+
+def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm="batch", compiled=False):
+    """Exact dL_val(theta'(phi))/dphi with no double backward (SPEC section 1, fast path):
+         dL_val/dphi = sum_i g_i dw~_i/dphi = -(alpha / B) sum_i a_i dw~_i/dphi,
+    g from `weight_grad_fast`. Valid because w = g_phi(h.detach(), y) does not depend on theta in
+    the graph; the chain rule through w~ (batch normalisation included) is one backward of w~."""
+    loss_val, g = weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng, compiled)
     w = instance_weights(meta, h, y, weight_norm)
-    return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=(-alpha * a / len(y)).to(w.dtype))
+    return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=g.to(w.dtype))
 
 
-def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm="none"):
-    """The same meta-gradient the direct way: functional_call + create_graph=True, then
-    backpropagate L_val(theta - alpha * grad_theta mean_i g_phi(x_i, y_i) l_i(theta)) to phi."""
+def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm="batch"):
+    """The same meta-gradient entirely the direct way (independent of `weight_grad_*`):
+    functional_call + create_graph=True, then backpropagate
+    L_val(theta - alpha * grad_theta mean_i w~_i(phi) l_i(theta)) to phi."""
     params = dict(model.named_parameters())
     with replay_rng(rng, x.device):
         losses = per_sample_losses(model, params, x, y)
@@ -625,6 +655,18 @@ def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm="n
     theta1 = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
     loss_val = per_sample_losses(model, theta1, xv, yv).mean()
     return loss_val.detach(), torch.autograd.grad(loss_val, list(meta.parameters()))
+
+
+def l2rw_weights(model, x, y, xv, yv, alpha, rng, compiled=False):
+    """Learning to Reweight (Ren et al. 2018; SPEC section 8): with g from `weight_grad_fast` at
+    w~ = 0 (so theta' = theta, G = 0), w_i = max(-g_i, 0) / sum_j max(-g_j, 0): the training
+    points whose gradient agrees with the validation gradient, in proportion to the agreement.
+    Returns (L_val, w), w summing to 1, or all zeros where no point agrees (that batch makes no
+    update, as in its paper)."""
+    zeros = [torch.zeros_like(p) for p in model.parameters()]
+    loss_val, g = weight_grad_fast(model, x, y, zeros, xv, yv, alpha, rng, compiled)
+    w = torch.relu(-g.float())
+    return loss_val, w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
 
 # ----------------------------------------------------------------------------- one training step, in three parts
 
@@ -648,7 +690,9 @@ class Run:
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, sorted({round(f * cfg.epochs) for f in cfg.milestones}), cfg.gamma)
-        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr)
+        # MW-Net's published code: Adam(lr 1e-3, weight_decay 1e-4) on its weight net (SPEC section 8)
+        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr,
+                                         weight_decay=1e-4 if method == "mwn" else 0.0)
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
         self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
         self.epoch = self.step = 0
@@ -665,7 +709,8 @@ def classifier_step(run, data, cfg, idx, stats, meta_next=False):
     w~_i from g_phi(x_i, y_i) detached (ERM: w~_i = 1), through the fused kernel; G is left in
     p.grad. The optimizer applies it after the meta step, which needs theta and G as they are.
     With `meta_next` the eager model runs and the RNG state is kept, so the meta step's JVP
-    replays this forward's dropout masks exactly. Returns the batch and what the meta step needs."""
+    replays this forward's dropout masks exactly. Returns the batch, what the meta step needs,
+    and for the epoch's diagnostics the raw weights w and which labels the batch fits."""
     x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
     rng = rng_state(run.device) if meta_next else None
     with autocast(run.device):
@@ -675,24 +720,33 @@ def classifier_step(run, data, cfg, idx, stats, meta_next=False):
         w = torch.ones(len(y), device=run.device)
     else:
         with torch.no_grad():
-            w = instance_weights(run.meta, h, y)
+            w = instance_weights(run.meta, h, y, "none")
     loss, losses = weighted_cross_entropy(logits, y, normalised(w, cfg.weight_norm), return_losses=True)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
+    batch_stats(stats, run, w, losses)
+    return x, y, h, rng, w, logits.detach().argmax(1) == y
+
+
+def batch_stats(stats, run, w, losses):
     stats["loss"].append(losses.mean())  # unweighted, comparable across methods
     if run.reweights:  # does the meta-level do anything: scale, spread, and which samples it favours
         stats["w_mean"].append(w.mean())
         stats["w_spread"].append(w.std() / w.mean())  # std/mean of w, the same for w~
         stats["w_loss_corr"].append(torch.corrcoef(torch.stack([w, losses]))[0, 1])
-    return x, y, h, rng
+
+
+def validation_batch(run, data, cfg, val_idx):
+    """B images drawn with replacement from S_val, augmented like training batches."""
+    vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)]
+    return get_batch(data, vi, augment=cfg.augment), data.y[vi]
 
 
 def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
     """SPEC section 1, middle level: phi <- phi - beta2 grad_phi L_val(theta'(phi)), with the
     look-ahead theta' at this training batch and L_val on a batch drawn from S_val.
     The classifier update of this step still uses phi from before (one-step lag, README)."""
-    vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)]
-    xv, yv = get_batch(data, vi, augment=cfg.augment), data.y[vi]
+    xv, yv = validation_batch(run, data, cfg, val_idx)
     alpha = run.opt.param_groups[0]["lr"]
     with autocast(run.device):
         if cfg.meta_grad == "fast":
@@ -706,6 +760,27 @@ def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
         p.grad = g.float()
     run.opt_meta.step()
     stats["val_loss"].append(loss_val.float())
+
+
+def l2rw_step(run, data, cfg, idx, val_idx, stats):
+    """SPEC section 8, L2RW: this batch's weights from the validation batch (`l2rw_weights`, the
+    JVP replaying this forward's dropout masks), then G = grad_theta sum_i w_i l_i left in p.grad.
+    Returns whether the batch has any weight (an all-zero batch makes no update), w~ = B w and
+    which labels the batch fits."""
+    x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
+    rng = rng_state(run.device)
+    with autocast(run.device):
+        logits, _ = run.model(x)
+    xv, yv = validation_batch(run, data, cfg, val_idx)
+    with autocast(run.device):
+        loss_val, w = l2rw_weights(run.model, x, y, xv, yv, run.opt.param_groups[0]["lr"], rng, run.compiled)
+    w = w * len(y)  # w~ with mean 1: mean_i w~_i l_i = sum_i w_i l_i
+    loss, losses = weighted_cross_entropy(logits, y, w, return_losses=True)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    batch_stats(stats, run, w, losses)
+    stats["val_loss"].append(loss_val.float())
+    return bool(w.sum() > 0), w, logits.detach().argmax(1) == y  # one host sync a step: a baseline's price
 
 
 def splitter_step(run, data, cfg, stats, val_idx):
@@ -745,23 +820,67 @@ def epoch_batches(run, cfg):
 
 
 def train_steps(run, data, cfg, batches):
-    """One classifier step per batch; every K-th step of LRW and MOLERE also updates phi, and
-    for MOLERE Theta. Returns the per-step statistics averaged, by name."""
+    """One classifier step per batch; every K-th step of LRW and MOLERE (every step of MW-Net and
+    L2RW) also updates phi, and for MOLERE Theta. Returns the per-step statistics averaged, by
+    name, and the epoch's meta-level diagnostics (`epoch_diagnostics`)."""
     val_idx = run.val_mask.nonzero().squeeze(1)
     stats = defaultdict(list)
     run.model.train()
-    K = 1 if run.method == "mwn" else cfg.K  # Meta-Weight-Net's schedule: a meta step every step
+    K = 1 if run.method in EVERY_STEP else cfg.K
+    w_seen = torch.full((len(data.y),), float("nan"), device=run.device)  # each S_tr image once an epoch
+    fits = torch.zeros(len(data.y), dtype=torch.bool, device=run.device)
+    phi0 = torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone()
     for idx in batches:
-        meta_now = run.reweights and run.step % K == 0
-        x, y, h, rng = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
-        if meta_now:
-            meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
-            if run.method == "molere":
-                splitter_step(run, data, cfg, stats, val_idx)
-        run.opt.step()
+        update = True
+        if run.method == "l2rw":
+            update, w, fit = l2rw_step(run, data, cfg, idx, val_idx, stats)
+        else:
+            meta_now = run.reweights and run.step % K == 0
+            x, y, h, rng, w, fit = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
+            if meta_now:
+                meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
+                if run.method == "molere":
+                    splitter_step(run, data, cfg, stats, val_idx)
+        if update:
+            run.opt.step()
+        w_seen[idx], fits[idx] = w.float(), fit
         run.step += 1
     means = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist()  # one host sync
-    return dict(zip(stats, means), steps=len(batches))
+    return dict(zip(stats, means), steps=len(batches), **epoch_diagnostics(run, data, w_seen, fits, phi0))
+
+
+def auc(pos, neg):
+    """P(a random `pos` value > a random `neg` value), ties counted half (Mann-Whitney U / n m)."""
+    neg = neg.sort().values
+    below = torch.searchsorted(neg, pos, right=False).double()
+    ties = torch.searchsorted(neg, pos, right=True).double() - below
+    return (below + 0.5 * ties).sum() / (len(pos) * len(neg))
+
+
+def epoch_diagnostics(run, data, w, fits, phi0):
+    """SPEC section 8: does the meta level learn? Over the epoch's training images (each seen
+    once, its weight as its batch gave it, the label fit in train mode before the step):
+    w_sat  share of raw sigmoid weights below 0.05 or above 0.95 (saturation)
+    w_zero share of weights exactly 0 (L2RW)
+    w_auc  AUC of the weights, clean images above flipped ones (only under --noise)
+    dphi   the meta-network's parameter change over the epoch, ||phi_end - phi_start||
+    fit_flipped, fit_clean  share of flipped / clean labels the batches predicted (under --noise)"""
+    if not run.reweights and data.noisy is None:
+        return {}
+    seen = ~torch.isnan(w)
+    out = {}
+    if run.reweights:
+        if run.method == "l2rw":
+            out["w_zero"] = (w[seen] == 0).float().mean()
+        else:
+            out["w_sat"] = ((w[seen] < 0.05) | (w[seen] > 0.95)).float().mean()
+            out["dphi"] = (torch.cat([p.detach().flatten() for p in run.meta.parameters()]) - phi0).norm()
+    if data.noisy is not None:
+        flipped, clean = seen & data.noisy, seen & ~data.noisy
+        if run.reweights and flipped.any() and clean.any():
+            out["w_auc"] = auc(w[clean], w[flipped])
+        out["fit_flipped"], out["fit_clean"] = fits[flipped].float().mean(), fits[clean].float().mean()
+    return dict(zip(out, torch.stack([v.float() for v in out.values()]).tolist()))  # one host sync
 
 
 def train_epoch(run, data, cfg):
@@ -880,15 +999,19 @@ def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
     train_logits, h = predict(run.fwd, data, data.x)  # the regime check: how well S is fitted
     rounded = lambda t: [round(v, 4) for v in t.tolist()]
     with torch.no_grad():
-        weights = rounded(instance_weights(run.meta, meta_input(run, h, train_logits, data.y), data.y)) \
-            if run.reweights else None
+        weights = rounded(instance_weights(run.meta, meta_input(run, h, train_logits, data.y), data.y, "none")) \
+            if run.reweights and run.method != "l2rw" else None  # L2RW has no weight for an image outside a batch
+    fits = {}
+    if data.noisy is not None:  # the regime check under noise: does the model memorise the flipped labels?
+        right = train_logits.argmax(1) == data.y
+        fits = dict(fit_flipped=float(right[data.noisy].float().mean()), fit_clean=float(right[~data.noisy].float().mean()))
     return run, dict(
         method=method, seed=seed, dataset=cfg.dataset, config_hash=cfg.hash(), config=cfg.as_dict(),
         test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
         train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
         train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
         noisy=(data.y != data.y_true).nonzero().squeeze(1).tolist(),
-        val_size=int(run.val_mask.sum()), log=run.log, wall_time_s=round(run.elapsed, 1),
+        val_size=int(run.val_mask.sum()), **fits, log=run.log, wall_time_s=round(run.elapsed, 1),
         device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
@@ -898,6 +1021,10 @@ def progress_line(tag, e, run, epochs):
     if run.reweights:
         parts += [f"w {e['w_mean']:.2f} spread {e['w_spread']:.2f} corr(w,l) {e['w_loss_corr']:+.2f}",
                   f"val-loss {e['val_loss']:.3f}", f"val n={int(run.val_mask.sum())}"]
+    if "w_auc" in e or "w_sat" in e or "w_zero" in e:
+        parts.append(" ".join(f"{k} {e[k]:.2f}" for k in ("w_sat", "w_zero", "w_auc") if k in e))
+    if "fit_flipped" in e:
+        parts.append(f"fits flipped {e['fit_flipped']:.0%} clean {e['fit_clean']:.0%}")
     if "split_fit" in e:
         parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_l_val']:.3f} "
                      f"R_size {e['split_r_size']:.4f} R_bal {e['split_r_bal']:.4f}")
@@ -982,7 +1109,7 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
-      "mwn (baseline) | all, or a comma list (all: every method but mwn; ERM once per seed, reused for the "
+      "mwn | l2rw (baselines) | all, or a comma list (all: every method but the baselines; ERM once per seed, reused for the "
       "train-twice margins)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
@@ -1068,7 +1195,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                         append_result(results_path, result)
                         done.add(("erm", seed))
                 val_mask = train_twice_split(method, erm_model, data, cfg.delta, seed)
-            elif method in ("lrw-random", "erm-tr", "mwn"):
+            elif method in ("lrw-random", "erm-tr", "mwn", "l2rw"):
                 val_mask = train_twice_split("lrw-random", None, data, cfg.delta, seed)
             run, result = train(cfg, rt, method, seed, data, val_mask, budget)
             if method == "erm":
@@ -1091,7 +1218,7 @@ def setup(argv=None):
                               f"or a comma list of methods")
         if cfg.meta_set != "split" and set(NEEDS_ERM) & set(plan_of(args.method)):
             raise ConfigError(f"--meta-set {cfg.meta_set} fixes S_val, so LRW-Easy and LRW-Hard have no split to "
-                              f"choose: run erm,erm-tr,lrw-random,mwn,molere")
+                              f"choose: run erm,erm-tr,lrw-random,mwn,l2rw,molere")
         if min(args.seeds) < 0:
             raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
         if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):

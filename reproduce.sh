@@ -8,6 +8,8 @@
 #   bash reproduce.sh cifar100-skew the paper's Table 2: CIFAR-100 class skew 200/50/10/1, ResNet-32, MOLERE, MW-Net, ERM
 #   bash reproduce.sh cifar10-cpu  the CPU study of RESULTS.md section 1 (resumable), then its tables and figures
 #   bash reproduce.sh cifar10-noise the noisy-label CPU study of RESULTS.md section 2 (resumable; WORKERS=2 processes)
+#   bash reproduce.sh cifar10-anchor the noisy-label anchor of RESULTS.md section 7, where ERM memorises the noise
+#                                  (ERM, LRW-Random, MOLERE, MW-Net, L2RW; resumable; WORKERS=2 processes)
 #   bash reproduce.sh bench        kernel benchmark, then ERM vs MOLERE step time (last line: the ratio)
 #   bash reproduce.sh gpu-check    environment, CUDA-only tests, kernel bench, WRN-28-10 throughput eager and
 #                                  --compile, 200 NaN-free MOLERE steps
@@ -64,6 +66,15 @@ CIFAR10_NOISE=(--dataset cifar10 --train-subset 4000 --depth 10 --width 2 --drop
                --resplit-every 3 --eval-every 5 --seeds 0 1 2 --method erm,lrw-random,mwn,molere
                --out results/cifar10-noise --resume)
 
+# The outside anchor of RESULTS.md section 7 (SPEC section 8), in the regime where plain training
+# memorises the noise: 2,000 images, 40% uniform label noise, 100 clean class-balanced images as
+# the meta set, no augmentation, 40 epochs; ERM, LRW-Random (its S_val the clean set), MOLERE
+# (which splits the noisy pool itself), Meta-Weight-Net and L2RW. Two workers, one thread each.
+CIFAR10_ANCHOR=(--dataset cifar10 --train-subset 2000 --depth 10 --width 2 --dropout 0 --epochs 40
+                --batch-size 64 --no-augment --noise uniform:0.4 --meta-set clean:100 --warmup-epochs 10
+                --resplit-every 5 --eval-every 20 --seeds 0 1 2 --method erm,lrw-random,molere,mwn,l2rw
+                --out results/cifar10-anchor --resume)
+
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
 ARGS=("$@")
@@ -94,12 +105,16 @@ case "$cmd" in
     root=${DATA_ROOT:-../shared/data}
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CIFAR10_NOISE[@]}" "$@"
     "$PY" -m tools.analyze results/cifar10-noise/results.jsonl --figures results/cifar10-noise --into RESULTS.md ;;
+  cifar10-anchor)  # RESULTS.md section 7: the noisy-label anchor where ERM memorises the noise
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CIFAR10_ANCHOR[@]}" "$@"
+    "$PY" -m tools.analyze results/cifar10-anchor/results.jsonl --figures results/cifar10-anchor --into RESULTS.md ;;
   bench)
     "$PY" -m tools.kernel_bench
     exec "$PY" -m tools.bench "$@" ;;
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, bench, gpu-check)" >&2
     exit 2 ;;
 esac

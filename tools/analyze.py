@@ -12,7 +12,8 @@ Reads the newest config in the file and prints markdown, in this order (SPEC sec
     beside ERM of one seed against ERM of another (what regression to the mean alone gives);
 (e) wall time per run, from the records.
 With --figures, also writes gain_over_erm.png, margin_gain.png, weight_vs_margin.png,
-weights_noisy_clean.png and learning_curves.png (figures need matplotlib, an optional extra).
+weights_noisy_clean.png, meta_level.png (under --noise: weights' AUC, saturation and flipped
+labels fitted, by epoch) and learning_curves.png (figures need matplotlib, an optional extra).
 With --into RESULTS.md, the markdown replaces the block between the lines
 `<!-- analyze RESULTS_PATH -->` and `<!-- /analyze -->` of that file, so the tables there are
 generated, never typed. Records from before
@@ -119,6 +120,39 @@ def regime_table(rows):
             else:
                 cells.append("—")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checkpoints(epochs):
+    """The epochs a by-epoch column shows: the first, quarters, the last."""
+    return sorted({1, *(max(1, round(epochs * q)) for q in (0.25, 0.5, 0.75)), epochs})
+
+
+def meta_level_table(rows):
+    """SPEC section 8, per method and seed: the gain over ERM, the share of flipped and clean
+    labels the final model fits (eval mode), the test accuracy at the evaluations before the
+    last (never used as a result), and by epoch the weights' AUC (clean above flipped) and their
+    saturation (sigmoid weights: share below 0.05 or above 0.95; L2RW: share exactly 0)."""
+    if not any("fit_flipped" in r for r in rows):
+        return None
+    erm = {r["seed"]: r["test_acc"] for r in rows if r["method"] == "erm"}
+    epochs = len(rows[0]["log"])
+    at = checkpoints(epochs)
+    head = ["method", "seed", "gain over ERM (pp)", "fits flipped / clean labels (end, %)",
+            "test acc at earlier evaluations (%)", f"weights' AUC at epochs {', '.join(map(str, at))}",
+            "saturation (or share of w = 0) at the same epochs", "‖Δφ‖ summed over epochs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    series = lambda log, key: ", ".join(f"{log[e - 1][key]:.2f}" if key in log[e - 1] else "—" for e in at)
+    for m in molere.METHODS:
+        for r in sorted((r for r in rows if r["method"] == m and "fit_flipped" in r), key=lambda r: r["seed"]):
+            log = r["log"]
+            sat = "w_zero" if "w_zero" in log[0] else "w_sat"
+            earlier = "; ".join(f"epoch {e['epoch']}: {e['test_acc']:.2f}" for e in log[:-1] if "test_acc" in e)
+            dphi = f"{sum(e['dphi'] for e in log):.3g}" if "dphi" in log[0] else "—"
+            gain = f"{r['test_acc'] - erm[r['seed']]:+.2f}" if m != "erm" and r["seed"] in erm else "—"
+            lines.append(f"| {molere.method_label(m)} | {r['seed']} | {gain} | {100 * r['fit_flipped']:.1f} / "
+                         f"{100 * r['fit_clean']:.1f} | {earlier or '—'} | {series(log, 'w_auc')} | "
+                         f"{series(log, sat)} | {dphi} |")
     return "\n".join(lines)
 
 
@@ -310,6 +344,29 @@ def figures(rows, gains, curves, folder):
         axes[0][0].legend(fontsize=7)
         save(fig, "weights_noisy_clean.png")
 
+    if any("w_auc" in e for r in rows for e in r["log"]):  # SPEC section 8: does the meta level learn?
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        for m in molere.METHODS:
+            rs = [r for r in rows if r["method"] == m]
+            if not rs:
+                continue
+            epochs = [e["epoch"] for e in rs[0]["log"]]
+            mean = lambda key: [statistics.mean(r["log"][i][key] for r in rs) for i in range(len(epochs))]
+            if "w_auc" in rs[0]["log"][0]:
+                axes[0].plot(epochs, mean("w_auc"), label=molere.method_label(m))
+                sat = "w_zero" if "w_zero" in rs[0]["log"][0] else "w_sat"
+                axes[1].plot(epochs, mean(sat), label=molere.method_label(m) + (" (share w = 0)" if sat == "w_zero" else ""))
+            axes[2].plot(epochs, mean("fit_flipped"), label=molere.method_label(m))
+        axes[0].axhline(0.5, color="k", lw=0.8)
+        axes[0].set_ylabel("AUC of weights, clean above flipped")
+        axes[1].set_ylabel("saturated weights (<0.05 or >0.95)")
+        axes[2].set_ylabel("flipped labels fitted (train mode, in the epoch)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
+        save(fig, "meta_level.png")
+
     if any("test_acc" in e for r in rows for e in r["log"][:-1]):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
         for m in molere.METHODS:
@@ -346,6 +403,7 @@ def main():
     sections = [("(a) accuracy", accuracy_table(rows)),
                 ("(b) paired comparisons", comparison_table(rows)),
                 ("(c) regime check and meta-level diagnostics", regime_table(rows)),
+                ("(c) the meta level, per method and seed (SPEC section 8)", meta_level_table(rows)),
                 ("(c) MOLERE's re-splits", resplit_table(rows)),
                 ("(d) margin analysis: paired test-margin differences method − ERM (same image, same seed)",
                  margin_table(gains)),

@@ -1,0 +1,179 @@
+"""SPEC sections 7 and 8: the per-sample meta-gradient g (the core every look-ahead reweighting
+method is built on), L2RW's weights, Meta-Weight-Net's optimizer and the meta-level diagnostics,
+each against an independent reference (finite differences, create_graph, pairwise counts)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import molere
+import molere_io
+from kernels import weighted_cross_entropy
+from test_molere import TINY, SmoothNet, fresh_seed, run_main, small_run
+
+
+def batches(classes=5, n=12, dtype=torch.float64):
+    x, xv = torch.randn(n, 3, 8, 8, dtype=dtype), torch.randn(n, 3, 8, 8, dtype=dtype)
+    return x, torch.randint(0, classes, (n,)), xv, torch.randint(0, classes, (n,))
+
+
+def grads_at(model, x, y, w, rng):
+    """The classifier step written out: G = grad_theta mean_i w~_i l_i under the masks of `rng`."""
+    with molere.replay_rng(rng, x.device):
+        logits = model(x)[0]
+    return torch.autograd.grad(weighted_cross_entropy(logits, y, w), list(model.parameters()))
+
+
+def test_weight_grad_reference_matches_finite_differences_in_float64():
+    """g_i = dL_val(theta')/dw~_i against central differences of L_val along a random direction of
+    w~, on a kink-free model with BatchNorm, at two step sizes (both must agree)."""
+    fresh_seed()
+    model = SmoothNet().double()
+    x, y, xv, yv = batches()
+    w = torch.rand(len(y), dtype=torch.float64) + 0.5
+    rng, alpha = molere.rng_state(torch.device("cpu")), 0.5
+    loss_val, g = molere.weight_grad_reference(model, x, y, w, xv, yv, alpha, rng)
+    direction = torch.randn_like(w)
+    analytic = float(g @ direction)
+    assert abs(analytic) > 1e-6  # a real signal, not zeros
+    for eps in (1e-5, 1e-6):
+        at = lambda s: molere.weight_grad_reference(model, x, y, w + s * eps * direction, xv, yv, alpha, rng)[0].item()
+        numeric = (at(1) - at(-1)) / (2 * eps)
+        assert math.isclose(analytic, numeric, rel_tol=1e-6, abs_tol=1e-10), (eps, analytic, numeric)
+    assert loss_val.item() == pytest.approx(F.cross_entropy(
+        torch.func.functional_call(model, {**{n: p - alpha * d for (n, p), d in zip(
+            model.named_parameters(), grads_at(model, x, y, w, rng))}, **molere.cloned_buffers(model)}, (xv,))[0], yv).item(),
+        rel=1e-12)  # and L_val is the loss at theta' = theta - alpha G
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("arch", ["wrn", "smooth"])
+def test_weight_grad_fast_equals_reference_in_float64(arch, dropout):
+    """One JVP (fast) = create_graph (reference), with and without dropout (masks replayed)."""
+    fresh_seed()
+    model = (molere.WideResNet(10, 1, 5, dropout) if arch == "wrn" else SmoothNet(dropout=dropout)).double()
+    x, y, xv, yv = batches()
+    w = torch.rand(len(y), dtype=torch.float64) + 0.2
+    w = w / w.mean()
+    rng = molere.rng_state(torch.device("cpu"))
+    grads = grads_at(model, x, y, w, rng)
+    state = torch.get_rng_state()
+    fast_val, fast = molere.weight_grad_fast(model, x, y, grads, xv, yv, 0.2, rng)
+    torch.set_rng_state(state)  # the validation forward draws the same masks in both paths
+    ref_val, ref = molere.weight_grad_reference(model, x, y, w, xv, yv, 0.2, rng)
+    assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
+    assert ref.abs().sum() > 1e-8 and fast.shape == (len(y),)
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-13)
+
+
+def test_meta_gradient_is_the_chain_rule_through_g():
+    """SPEC section 7's recipe, autograd.grad(w_tilde, phi, g), for a weighting that is neither
+    ours nor MW-Net's (an affine map of the loss, batch-normalised), equals create_graph through phi."""
+    fresh_seed()
+    model = SmoothNet().double()
+    x, y, xv, yv = batches()
+    phi = torch.tensor([0.7, -0.3], dtype=torch.float64, requires_grad=True)
+    rng = molere.rng_state(torch.device("cpu"))
+    with torch.no_grad(), molere.replay_rng(rng, x.device):
+        loss_in = F.cross_entropy(model(x)[0], y, reduction="none")
+    weigh = lambda: (lambda w: w / w.mean())(torch.sigmoid(phi[0] * loss_in + phi[1]))
+    w_tilde = weigh()
+    _, g = molere.weight_grad_fast(model, x, y, grads_at(model, x, y, w_tilde.detach(), rng), xv, yv, 0.3, rng)
+    got = torch.autograd.grad(w_tilde, phi, grad_outputs=g)[0]
+    params = dict(model.named_parameters())  # the reference: create_graph all the way to phi
+    with molere.replay_rng(rng, x.device):
+        losses = molere.per_sample_losses(model, params, x, y)
+    inner = torch.autograd.grad((weigh() * losses).mean(), list(params.values()), create_graph=True)
+    theta1 = {n: p - 0.3 * d for (n, p), d in zip(params.items(), inner)}
+    ref = torch.autograd.grad(molere.per_sample_losses(model, theta1, xv, yv).mean(), phi)[0]
+    assert ref.abs().sum() > 1e-8
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-13)
+
+
+def test_l2rw_weights_equal_a_direct_create_graph_implementation():
+    """Ren et al.'s algorithm written out: eps = 0 (requires grad), theta' = theta - alpha grad mean
+    eps_i l_i, w = max(-dL_val/deps, 0) normalised to sum 1; float64, dropout masks replayed."""
+    fresh_seed()
+    model = molere.WideResNet(10, 1, 5, 0.3).double()
+    x, y, xv, yv = batches(n=16)
+    rng = molere.rng_state(torch.device("cpu"))
+    state = torch.get_rng_state()
+    loss_val, w = molere.l2rw_weights(model, x, y, xv, yv, 0.1, rng)
+    torch.set_rng_state(state)
+    eps = torch.zeros(len(y), dtype=torch.float64, requires_grad=True)
+    params = dict(model.named_parameters())
+    with molere.replay_rng(rng, x.device):
+        losses = molere.per_sample_losses(model, params, x, y)
+    inner = torch.autograd.grad((eps * losses).mean(), list(params.values()), create_graph=True)
+    theta1 = {n: p - 0.1 * d for (n, p), d in zip(params.items(), inner)}
+    ref_val = molere.per_sample_losses(model, theta1, xv, yv).mean()
+    ref = torch.relu(-torch.autograd.grad(ref_val, eps)[0])
+    ref = ref / ref.sum()
+    assert loss_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
+    assert (ref > 0).any() and w.sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-9)  # w is float32, like the kernel's input
+
+
+def test_l2rw_batch_with_no_positive_weight_makes_no_update(monkeypatch):
+    """Through the real loop: an all-zero batch leaves theta and the optimizer state untouched
+    (no step of momentum or weight decay either); any positive weight moves theta."""
+    seed = fresh_seed()
+    cfg, data, run = small_run("l2rw", seed, epochs=1)
+    run.val_mask = molere.train_twice_split("lrw-random", None, data, cfg.delta, seed)
+    batch = molere.epoch_batches(run, cfg)[:2]
+    molere.train_steps(run, data, cfg, batch[:1])  # momentum buffers exist from here on
+    before = [p.detach().clone() for p in run.model.parameters()]
+    momentum = [run.opt.state[p]["momentum_buffer"].clone() for p in run.model.parameters()]
+    monkeypatch.setattr(molere, "l2rw_weights", lambda model, x, *a, **k: (torch.tensor(1.0), torch.zeros(len(x))))
+    stats = molere.train_steps(run, data, cfg, batch[1:])
+    assert stats["w_zero"] == 1.0
+    for p, b, m in zip(run.model.parameters(), before, momentum):
+        assert torch.equal(p, b) and torch.equal(run.opt.state[p]["momentum_buffer"], m)
+    one_hot = lambda model, x, *a, **k: (torch.tensor(1.0), F.one_hot(torch.tensor(0), len(x)).float())
+    monkeypatch.setattr(molere, "l2rw_weights", one_hot)
+    molere.train_steps(run, data, cfg, batch[1:])
+    assert any(not torch.equal(p, b) for p, b in zip(run.model.parameters(), before))
+
+
+def test_mwn_meta_optimizer_is_its_published_one():
+    """MW-Net.py: Adam(vnet.params(), 1e-3, weight_decay=1e-4). Our meta-network: no weight decay."""
+    for method, wd in (("mwn", 1e-4), ("lrw-random", 0.0), ("molere", 0.0)):
+        _, _, run = small_run(method, 0)
+        group = run.opt_meta.param_groups[0]
+        assert isinstance(run.opt_meta, torch.optim.Adam) and group["lr"] == 1e-3 and group["weight_decay"] == wd
+
+
+def test_auc_counts_pairs_with_ties_half():
+    seed = fresh_seed()
+    for n, m in ((1, 1), (7, 5), (200, 300)):
+        pos = torch.randint(0, 6, (n,)).double() / 5  # many ties, as L2RW's zero weights make
+        neg = torch.randint(0, 6, (m,)).double() / 5
+        pairs = (pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()
+        assert molere.auc(pos, neg).item() == pytest.approx(pairs.item(), abs=1e-12), seed
+    assert molere.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])).item() == 1.0
+
+
+def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):
+    """L2RW and MW-Net on noisy labels with a clean meta set: the clean set is their S_val, every
+    epoch logs the diagnostics, and the record's fit on flipped / clean labels is what its own
+    training margins say (margin > 0 exactly where the prediction is the given label)."""
+    out = tmp_path / "out"
+    text = run_main(["--dataset", "synthetic", "--train-subset", "200", "--noise", "uniform:0.4",
+                     "--meta-set", "clean:20", "--method", "erm,mwn,l2rw", "--epochs", "2",
+                     "--out", str(out)] + TINY, capsys).out
+    rows = {r["method"]: r for r in molere_io.read_results(str(out / "results.jsonl"))}
+    assert "| l2rw (baseline) | 1 |" in text and "w_zero" in text
+    data = molere.load_data(molere.Config(dataset="synthetic", train_subset=200, noise="uniform:0.4",
+                                          meta_set="clean:20"), torch.device("cpu"))
+    assert rows["l2rw"]["val_mask"] == data.meta_mask.nonzero().squeeze(1).tolist()
+    assert rows["l2rw"]["log"][0]["steps"] == 9 and rows["l2rw"]["train_weights"] is None
+    for m, keys in (("erm", {"fit_flipped", "fit_clean"}), ("mwn", {"w_sat", "w_auc", "dphi", "fit_flipped"}),
+                    ("l2rw", {"w_zero", "w_auc", "fit_clean"})):
+        for e in rows[m]["log"]:
+            assert keys <= set(e) and all(0 <= e[k] <= 1 for k in keys - {"dphi"}), (m, e)
+        margins, noisy = torch.tensor(rows[m]["train_margins"]), torch.zeros(200, dtype=torch.bool)
+        noisy[rows[m]["noisy"]] = True
+        assert rows[m]["fit_flipped"] == pytest.approx(float((margins[noisy] > 0).float().mean()), abs=1e-6)
+        assert rows[m]["fit_clean"] == pytest.approx(float((margins[~noisy] > 0).float().mean()), abs=1e-6)
+    assert rows["mwn"]["log"][-1]["dphi"] > 0
