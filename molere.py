@@ -38,7 +38,7 @@ from torch.func import functional_call, jvp
 
 from kernels import weighted_cross_entropy
 from molere_io import (ConfigError, DataError, UserError, append_result, device_name, has_checkpoint, load_cifar,
-                       make_writable_folder, read_checkpoint, read_results, write_checkpoint)
+                       load_packed, make_writable_folder, read_checkpoint, read_results, write_checkpoint)
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -52,7 +52,7 @@ ALL = METHODS[:-2]  # what --method all runs: the paper's methods and the contro
 ROLE = {"erm-tr": "control", "mwn": "baseline", "l2rw": "baseline"}  # methods that are not the paper's
 EVERY_STEP = ("mwn", "l2rw")  # a meta step on every classifier step (their papers' schedule), not every K
 NEEDS_ERM = ("lrw-easy", "lrw-hard")  # train-twice: S_val from a finished ERM model's margins
-DATASETS = ("synthetic", "cifar10", "cifar100")
+DATASETS = ("synthetic", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
 # The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 6).
 # Printed beside our numbers, labelled as the paper's; never used as a result.
 PAPER_GAIN_CIFAR100 = {"lrw-easy": -0.31, "lrw-random": 0.57, "lrw-hard": 1.72, "molere": 1.96}
@@ -76,7 +76,8 @@ class Config:
     """Everything that defines a run's numbers, and nothing else (where and how a run executes
     is apart, in `Runtime`). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
     standard recipe. Stored with every checkpoint and result; every field is a CLI flag."""
-    dataset: str = knob("cifar100", "synthetic | cifar10 | cifar100")
+    dataset: str = knob("cifar100", "synthetic | cifar10 | cifar100 | packed (the CIFAR-10 subset that "
+                                    "tools/pack.py writes to --data-root, for a GPU machine)")
     train_subset: int = knob(0, "train on a fixed class-balanced subset of this many images (0: all of S)")
     # classifier: Wide-ResNet and the standard CIFAR recipe (SPEC section 6)
     depth: int = knob(28, "Wide-ResNet depth, 6n+4")
@@ -256,6 +257,8 @@ def load_data(cfg, device, data_root="data", download=True):
     untouched test split, on the device."""
     if cfg.dataset == "synthetic":
         x, y, xt, yt, classes = make_synthetic()
+    elif cfg.dataset == "packed":
+        x, y, xt, yt, classes = load_packed(data_root)
     else:
         x, y, xt, yt, classes = load_cifar(data_root, cfg.dataset, download)
     if cfg.train_subset:

@@ -122,6 +122,32 @@ def load_cifar(root, name, download=True):
     xt, yt = read_cifar_pickles(folder, spec["test"], spec["labels"], spec["classes"])
     return x, y, xt, yt, spec["classes"]
 
+
+PACKED = "cifar10-packed.npz"  # --dataset packed: tools/pack.py's file under --data-root
+
+
+def load_packed(root):
+    """A packed CIFAR-10 subset (tools/pack.py): one .npz of plain arrays, loaded with
+    allow_pickle=False, so it cannot run code; shapes, dtypes and labels are checked."""
+    path = os.path.join(root, PACKED)
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: make it with `python -m tools.pack --data-root CIFAR10_DIR --out {root}`")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y, xt, yt = (f[k] for k in ("x", "y", "x_test", "y_test"))
+            classes = int(f["classes"])
+    except Exception as e:  # not a zip, a missing array, an object array: all one line
+        raise DataError(f"{path} is not a packed CIFAR file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"make it again with python -m tools.pack")
+    for name, images, labels in (("x", x, y), ("x_test", xt, yt)):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, 32, 32) or \
+                labels.shape != (len(images),) or labels.dtype.kind not in "iu" or not len(labels) or \
+                labels.min() < 0 or labels.max() >= classes:
+            raise DataError(f"{path}: {name} must be uint8 (n, 3, 32, 32) with n integer labels in [0, {classes}), "
+                            f"got {images.dtype} {images.shape} and labels {labels.dtype} {labels.shape}")
+    return (torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(xt),
+            torch.from_numpy(yt.astype(np.int64)), classes)
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -208,11 +234,12 @@ def append_result(path, result):
 
 def make_writable_folder(folder, flag):
     """Create `folder` and prove it writable before any work, or one line naming the flag."""
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")  # per process: workers share --out
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, ".write-test"), "w"):
+        with open(probe, "w"):
             pass
-        os.remove(os.path.join(folder, ".write-test"))
+        os.remove(probe)
     except OSError as e:
         raise UserError(f"{flag} {folder} cannot be created or written ({e.strerror or e})")
 

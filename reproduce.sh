@@ -10,6 +10,9 @@
 #   bash reproduce.sh cifar10-noise the noisy-label CPU study of RESULTS.md section 2 (resumable; WORKERS=2 processes)
 #   bash reproduce.sh cifar10-anchor the noisy-label anchor of RESULTS.md section 7, where ERM memorises the noise
 #                                  (ERM, LRW-Random, MOLERE, MW-Net, L2RW; resumable; WORKERS=2 processes)
+#   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
+#                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
+#                                  paper's balanced comparison on it. COPY_TO=DIR copies the table and records there
 #   bash reproduce.sh bench        kernel benchmark, then ERM vs MOLERE step time (last line: the ratio)
 #   bash reproduce.sh gpu-check    environment, CUDA-only tests, kernel bench, WRN-28-10 throughput eager and
 #                                  --compile, 200 NaN-free MOLERE steps
@@ -17,9 +20,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
-PY="$VENV/bin/python"
+PY=${PY:-$VENV/bin/python}
 
-if ! "$PY" -c "import torch, torchvision, triton, numpy, pytest" 2>/dev/null; then
+# PY=python3 (a GPU machine's own Python, say) is used as it is; the default is the project's .venv.
+if [ "$PY" = "$VENV/bin/python" ] && ! "$PY" -c "import torch, torchvision, triton, numpy, pytest" 2>/dev/null; then
   echo "setting up $VENV (first use; torch is large, this takes a few minutes) ..."
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r requirements.txt
@@ -109,12 +113,25 @@ case "$cmd" in
     root=${DATA_ROOT:-../shared/data}
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CIFAR10_ANCHOR[@]}" "$@"
     "$PY" -m tools.analyze results/cifar10-anchor/results.jsonl --figures results/cifar10-anchor --into RESULTS.md ;;
+  gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
+    out=${EVIDENCE_DIR:-runs/gpu-evidence}
+    mkdir -p "$out"
+    start=$(date +%s)
+    if has_gpu; then QUICK=1 timeout 200 bash tools/gpu_check.sh > "$out/gpu_check.log" 2>&1; tail -25 "$out/gpu_check.log"; fi
+    "$PY" -m tools.gpu_evidence anchor --out "$out" --deadline $(( 430 - $(date +%s) + start )) "$@" || status=$?
+    if [ -n "${COPY_TO:-}" ]; then cp "$out"/{table.md,plan.json,results.jsonl,run.log,gpu_check.log} "$COPY_TO"/ 2>/dev/null || true; fi
+    exit ${status:-0} ;;
+  gpu-paper-mini)  # a second device call: the paper's balanced comparison on the packed clean data, WRN-16-4
+    out=${EVIDENCE_DIR:-runs/gpu-paper-mini}
+    "$PY" -m tools.gpu_evidence paper-mini --out "$out" --deadline 430 "$@" || status=$?
+    if [ -n "${COPY_TO:-}" ]; then cp "$out"/{table.md,plan.json,results.jsonl,run.log} "$COPY_TO"/ 2>/dev/null || true; fi
+    exit ${status:-0} ;;
   bench)
     "$PY" -m tools.kernel_bench
     exec "$PY" -m tools.bench "$@" ;;
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac

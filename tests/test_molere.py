@@ -477,7 +477,7 @@ def test_cli_help_and_exit_code_in_a_real_process():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "molere.py: error: unknown --method 'nope': choose from erm, erm-tr, lrw-random, lrw-easy, lrw-hard, molere, "
-        "mwn, all, or a comma list of methods"]
+        "mwn, l2rw, all, or a comma list of methods"]
 
 
 def test_meta_grad_on_a_torchvision_resnet18():
@@ -502,8 +502,8 @@ def test_meta_grad_on_a_torchvision_resnet18():
         logits = model(x)
     h = feats["h"].detach()
     w = torch.sigmoid(meta(h, y)).detach()
-    grads = torch.autograd.grad(weighted_cross_entropy(logits, y, w), list(model.parameters()))
-    fast_val, fast = molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng)
+    grads = torch.autograd.grad(weighted_cross_entropy(logits, y, w / w.mean()), list(model.parameters()))
+    fast_val, fast = molere.meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng)  # the default: batch
     ref_val, ref = molere.meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng)
     assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
     assert sum(g.abs().sum() for g in ref) > 1e-10

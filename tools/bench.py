@@ -81,7 +81,7 @@ def profile_meta_step(cfg, rt, data, repeats=5):
     run.val_mask = molere.random_split(data, cfg.delta, 0)
     idx, val_idx = batches(run, cfg, 1)[0], run.val_mask.nonzero().squeeze(1)
     stats = defaultdict(list)
-    x, y, h, rng = molere.classifier_step(run, data, cfg, idx, stats, meta_next=True)
+    x, y, h, rng, _, _ = molere.classifier_step(run, data, cfg, idx, stats, meta_next=True)
     grads = [p.grad.clone() for p in run.model.parameters()]
 
     def lookahead():

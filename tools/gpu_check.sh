@@ -6,24 +6,26 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+# QUICK=1 (gpu-evidence): the same checks with fewer steps, under about 3 minutes
+if [ "${QUICK:-0}" = 1 ]; then T=(40 35 50 65); STEPS=(20 1 50); else T=(80 100 170 120); STEPS=(30 2 200); fi
 log=$(mktemp)
 echo "== environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log" | sed 's/^/gpu: /'
 "$PY" -c "import torch, triton; print(f'SUMMARY versions: torch {torch.__version__}, triton {triton.__version__}, cuda {torch.version.cuda}')" | tee -a "$log"
 echo "== CUDA-only tests: the kernel in a CUDA graph; the compiled meta-gradient (dropout replayed) vs the reference"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  result=$(timeout 80 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda 2>&1 | tee /dev/stderr | tail -1)
+  result=$(timeout ${T[0]} "$PY" -m pytest -q -p no:cacheprovider tests -k cuda 2>&1 | tee /dev/stderr | tail -1)
   echo "SUMMARY CUDA-only tests: ${result:-no result (timed out?)}" | tee -a "$log"
 else
   echo "SUMMARY CUDA-only tests: not run (no pytest for $PY)" | tee -a "$log"
 fi
 echo "== kernel benchmark"
-timeout 100 "$PY" -m tools.kernel_bench 2>&1 | tee -a "$log"
+timeout ${T[1]} "$PY" -m tools.kernel_bench 2>&1 | tee -a "$log"
 echo "== WRN-28-10 step throughput, batch 128, bf16, channels_last; 200 MOLERE steps NaN check"
-timeout 170 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 5 --repeats 2 --device cuda \
-  --check-nan 200 --profile 2>&1 | tee -a "$log"
+timeout ${T[2]} "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps ${STEPS[0]} --warmup 5 --repeats ${STEPS[1]} \
+  --device cuda --check-nan ${STEPS[2]} --profile 2>&1 | tee -a "$log"
 echo "== the same under --compile (classifier, look-ahead and JVP compiled; compile time in the warm-up)"
-timeout 120 "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps 30 --warmup 10 --repeats 1 --device cuda \
+timeout ${T[3]} "$PY" -m tools.bench --depth 28 --width 10 --batch-size 128 --steps ${STEPS[0]} --warmup 10 --repeats 1 --device cuda \
   --compile --profile 2>&1 | tee -a "$log"
 echo
 echo "| check | result |"

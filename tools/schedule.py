@@ -5,8 +5,10 @@
 
 Everything after `--` is a molere.py command line; it is checked once, here, before anything
 starts (one line and exit 2 for bad input). Then each run is one `molere.py --method M
---seeds S --resume` process, at most one per worker at a time: on CUDA worker i is cuda:i,
-on CPU each worker gets an equal share of the cores this process may use. A seed's ERM finishes before its
+--seeds S --resume` process, at most one per worker at a time: on CUDA worker i is cuda:i
+(with `--per-gpu N`, N workers share each GPU: worker i is cuda:(i mod GPUs), useful for small
+models whose steps are launch-bound), and every worker gets an equal share of the cores this
+process may use. A seed's ERM finishes before its
 LRW-Easy and LRW-Hard start (they split S by its margins); the other runs need nothing.
 Every line a run prints carries its tag. Records go to OUT/results.jsonl (appends are
 locked, so workers never interleave), and the results table is printed at the end. Finished
@@ -39,11 +41,9 @@ def jobs_of(args, cfg):
 
 
 def launch(argv, method, seed, worker, workers, device_type):
-    extra = ["--method", method, "--seeds", str(seed), "--resume"]
-    if device_type == "cuda":
-        extra += ["--device", f"cuda:{worker}"]
-    else:
-        extra += ["--device", "cpu", "--threads", str(max(1, len(os.sched_getaffinity(0)) // workers))]
+    extra = ["--method", method, "--seeds", str(seed), "--resume",
+             "--threads", str(max(1, len(os.sched_getaffinity(0)) // workers))]
+    extra += ["--device", f"cuda:{worker % torch.cuda.device_count()}" if device_type == "cuda" else "cpu"]
     return subprocess.Popen([sys.executable, "-u", os.path.join(os.path.dirname(molere.__file__), "molere.py")]
                             + argv + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -59,15 +59,18 @@ def pump(proc, tag, lock):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage="python -m tools.schedule --workers N -- MOLERE_ARGS")
     p.add_argument("--workers", type=int, default=0,
-                   help="parallel runs (default: the number of CUDA devices, else 2)")
+                   help="parallel runs (default: the number of CUDA devices times --per-gpu, else 2)")
+    p.add_argument("--per-gpu", type=int, default=1, help="runs sharing one GPU at a time (default: 1)")
     own, argv = sys.argv[1:], []
     if "--" in own:
         own, argv = own[:own.index("--")], own[own.index("--") + 1:]
-    workers = p.parse_args(own).workers
+    own = p.parse_args(own)
     args, cfg, rt, _ = molere.setup(argv)
-    workers = workers or (torch.cuda.device_count() if rt.device.type == "cuda" else 2)
-    if workers < 1 or (rt.device.type == "cuda" and workers > torch.cuda.device_count()):
-        molere.fail(f"--workers {workers}: need 1 to {torch.cuda.device_count()} on this machine's GPUs")
+    slots = torch.cuda.device_count() * max(1, own.per_gpu)
+    workers = own.workers or (slots if rt.device.type == "cuda" else 2)
+    if workers < 1 or own.per_gpu < 1 or (rt.device.type == "cuda" and workers > slots):
+        molere.fail(f"--workers {workers}: need 1 to {slots} on this machine's GPUs "
+                    f"({torch.cuda.device_count()} GPU(s) x --per-gpu {own.per_gpu})")
     todo, done = jobs_of(args, cfg)
     print(f"{len(todo)} runs on {workers} {'GPU' if rt.device.type == 'cuda' else 'CPU'} worker(s); "
           f"{len(done)} finished earlier; results -> {os.path.join(args.out, 'results.jsonl')}", flush=True)
