@@ -38,7 +38,8 @@ from torch.func import functional_call, jvp
 
 from kernels import weighted_cross_entropy
 from molere_io import (ConfigError, DataError, UserError, append_result, device_name, has_checkpoint, load_cifar,
-                       load_packed, make_writable_folder, read_checkpoint, read_results, write_checkpoint)
+                       load_packed, make_writable_folder, read_checkpoint, read_results, run_lock,
+                       write_checkpoint)
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -1105,22 +1106,30 @@ def report_table(rows, dataset):
 # ----------------------------------------------------------------------------- CLI
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for flags that take a value; an on/off flag's help says it in words."""
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="MOLERE / LRW reproduction (CVPR 2024). Defaults: the paper's CIFAR-100 "
                     "WRN-28-10 setting with the standard recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=Help)
     a = p.add_argument
     a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
       "mwn | l2rw (baselines) | all, or a comma list (all: every method but the baselines; ERM once per seed, reused for the "
       "train-twice margins)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    a("--no-download", action="store_true", help="never try to download missing CIFAR files")
+    a("--no-download", action="store_true", help="never try to download missing CIFAR files (without this flag: try torchvision's MD5-checked download)")
     for f in fields(Config):  # what defines a run's numbers: one flag per Config field
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # default on: the flag turns it off
-            a("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f.metadata["help"] + " (off)")
+            a("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+              help=f"turn off: {f.metadata['help']} (on without this flag)")
         elif isinstance(f.default, tuple):
             a(flag, type=float, nargs="+", default=list(f.default), help=f.metadata["help"])
         else:
@@ -1129,11 +1138,12 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the classifier's plain steps, evaluation and the fast "
       "meta step's look-ahead and JVP (dropout masks still replayed; eager, with one line, where compile fails)")
     a("--out", default="runs", help="folder for checkpoints and results.jsonl")
-    a("--resume", action="store_true", help="continue runs from their checkpoints, skip finished ones")
+    a("--resume", action="store_true", help="continue runs from their checkpoints and skip finished ones (without "
+      "this flag an existing checkpoint stops the command)")
     a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
     a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    a("--report", action="store_true", help="print the results table of this config from OUT and exit")
+    a("--report", action="store_true", help="only print the results table of this config from OUT, train nothing")
     p.error = lambda msg: fail(msg)  # one clear line, not a usage dump
     return p
 
@@ -1168,14 +1178,18 @@ def check_plan(cfg, rt, plan, seeds, data):
 def finished_erm(cfg, rt, seed, data, budget):
     """The ERM model of this config and seed, for the train-twice margins (trained if needed)."""
     path = checkpoint_path(rt, cfg, "erm", seed)
-    if has_checkpoint(path):
-        ckpt = read_checkpoint(path, cfg.as_dict())
-        if ckpt["epoch"] == cfg.epochs:
-            run = Run(cfg, "erm", seed, data, rt.device)
-            run.model.load_state_dict(ckpt["model"])
-            return run.model, None
-    run, result = train(cfg, replace(rt, resume=True), "erm", seed, data, budget=budget)  # continue a partial one
-    return run.model, result
+    with run_lock(path) as mine:
+        if not mine:
+            raise UserError(f"ERM of seed {seed}, which LRW-Easy/Hard split by, is being trained by another "
+                            f"process ({path}.lock): rerun with --resume once it has finished")
+        if has_checkpoint(path):
+            ckpt = read_checkpoint(path, cfg.as_dict())
+            if ckpt["epoch"] == cfg.epochs:
+                run = Run(cfg, "erm", seed, data, rt.device)
+                run.model.load_state_dict(ckpt["model"])
+                return run.model, None
+        run, result = train(cfg, replace(rt, resume=True), "erm", seed, data, budget=budget)  # continue a partial one
+        return run.model, result
 
 
 def run_plan(cfg, rt, plan, seeds, data, budget):
@@ -1200,10 +1214,18 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                 val_mask = train_twice_split(method, erm_model, data, cfg.delta, seed)
             elif method in ("lrw-random", "erm-tr", "mwn", "l2rw"):
                 val_mask = train_twice_split("lrw-random", None, data, cfg.delta, seed)
-            run, result = train(cfg, rt, method, seed, data, val_mask, budget)
+            path = checkpoint_path(rt, cfg, method, seed)
+            with run_lock(path) as mine:  # one process per run: a plan launched twice never trains a run twice
+                busy = not mine or (method, seed) in {(r["method"], r["seed"]) for r in
+                                                      read_results(results_path, cfg.hash())}
+                if busy or (has_checkpoint(path) and not rt.resume):
+                    print(f"[{method} seed {seed}] trained by another process{' (finished)' if busy and mine else ''};"
+                          f" skipped here, rerun with --resume to continue or report it", flush=True)
+                    continue
+                run, result = train(cfg, rt, method, seed, data, val_mask, budget)
+                append_result(results_path, result)
             if method == "erm":
                 erm_model = run.model
-            append_result(results_path, result)
             done.add((method, seed))
             print(f"[{method} seed {seed}] test accuracy {result['test_acc']:.2f}% "
                   f"({result['wall_time_s']:.0f}s)", flush=True)

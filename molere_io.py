@@ -159,7 +159,7 @@ def write_checkpoint(path, ckpt):
     """Written to a temporary file and fsynced, then renamed into place; the previous epoch's
     checkpoint is kept as PATH.prev until the new one is in place, so at every instant one
     complete checkpoint exists."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # per process: two writers never share a temporary file
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
         f.flush()
@@ -167,6 +167,23 @@ def write_checkpoint(path, ckpt):
     if os.path.exists(path):
         os.replace(path, path + ".prev")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def run_lock(path):
+    """An exclusive lock on PATH.lock while this process trains the run whose checkpoint is
+    PATH: yields True, or False (holding nothing) where another process holds it. The kernel
+    drops the lock when its holder exits, however it exits."""
+    fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(path, config):

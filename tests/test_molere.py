@@ -792,3 +792,22 @@ def test_fields_added_later_keep_earlier_configs_identity():
     assert molere.Config(**stored).hash() == cfg.hash()
     noisy = molere.Config(dataset="synthetic", depth=10, width=1, noise="pair:0.2")
     assert noisy.as_dict()["noise"] == "pair:0.2" and noisy.hash() != cfg.hash()
+
+
+def test_a_plan_launched_twice_trains_each_run_once(tmp_path):
+    """Two processes on the same plan and --out at once (a plan launched twice by mistake): each
+    run is trained by one of them (a lock per run), one record each, no traceback; the other
+    process says so in one line per run it skipped."""
+    cmd = [sys.executable, "molere.py", "--dataset", "synthetic", "--train-subset", "200", "--method",
+           "erm,lrw-random,mwn", "--epochs", "2", "--seeds", "0", "--device", "cpu", "--threads", "1",
+           "--out", str(tmp_path)] + TINY
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("Traceback" in err for _, err in outs), outs
+    rows = molere_io.read_results(str(tmp_path / "results.jsonl"))
+    assert sorted(r["method"] for r in rows) == ["erm", "lrw-random", "mwn"]  # each once
+    skipped = sum(out.count("skipped here") for out, _ in outs)
+    trained = sum(out.count("] test accuracy") for out, _ in outs)
+    assert trained == 3 and skipped == 3  # every run trained by one process and skipped by the other
+    assert not list(tmp_path.glob("*.tmp*"))
