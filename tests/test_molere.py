@@ -119,9 +119,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_fast_meta_grad_equals_reference_in_float32_with_dropout(device, capsys, monkeypatch):
     """--compile: look-ahead and JVP through torch.compile (inductor), dropout 0.3. Tolerance:
-    relative error of the whole meta-gradient at most 1e-4 on the CPU (measured: 1e-7 to 4e-7,
-    float32 rounding), 1e-3 on CUDA with TF32 off; replaying another RNG state instead is off by
-    about 0.3. On CUDA this is what shows inductor's fallback_random at work: on the CPU inductor
+    relative error of the whole meta-gradient at most 1e-3 (float32 rounding: usually 1e-7 to
+    4e-7 on the CPU, but 2.5e-4 was seen once in 12 runs, a poorly conditioned draw; CUDA with
+    TF32 off likewise); replaying another RNG state instead is off by about 0.3. On CUDA this is what shows inductor's fallback_random at work: on the CPU inductor
     draws dropout from the eager generator anyway."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     fresh_seed()
@@ -147,7 +147,7 @@ def test_compiled_fast_meta_grad_equals_reference_in_float32_with_dropout(device
     error = lambda gs: float((flat(gs) - flat(ref)).norm() / flat(ref).norm())
     assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-5 if device == "cpu" else 1e-4)
     assert flat(ref).norm() > 1e-4
-    assert error(fast) < (1e-4 if device == "cpu" else 1e-3)
+    assert error(fast) < 1e-3
     torch.manual_seed(fresh_seed() + 1)  # the check can fail: other dropout masks in the JVP
     other = molere.rng_state(dev)
     set_rng(state)

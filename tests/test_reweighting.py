@@ -1,7 +1,9 @@
 """SPEC sections 7 and 8: the per-sample meta-gradient g (the core every look-ahead reweighting
 method is built on), L2RW's weights, Meta-Weight-Net's optimizer and the meta-level diagnostics,
 each against an independent reference (finite differences, create_graph, pairwise counts)."""
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 import molere
 import molere_io
 from kernels import weighted_cross_entropy
-from test_molere import TINY, SmoothNet, fresh_seed, run_main, small_run
+from test_molere import ROOT, TINY, SmoothNet, fresh_seed, run_main, small_run
 
 
 def batches(classes=5, n=12, dtype=torch.float64):
@@ -177,3 +179,45 @@ def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):
         assert rows[m]["fit_flipped"] == pytest.approx(float((margins[noisy] > 0).float().mean()), abs=1e-6)
         assert rows[m]["fit_clean"] == pytest.approx(float((margins[~noisy] > 0).float().mean()), abs=1e-6)
     assert rows["mwn"]["log"][-1]["dphi"] > 0
+
+
+def readme_example():
+    """The README's example block, executed as it stands (not a copy of it)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = text.split("<!-- example -->", 1)[1].split("<!-- /example -->", 1)[0]
+    code = code.split("```python", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(compile(code, "README.md example", "exec"), scope)
+    return scope
+
+
+def test_readme_example_runs_and_its_meta_step_is_exact_on_a_torchvision_resnet18():
+    """The README's own-training-loop example on torchvision's ResNet-18 (float64, BatchNorm):
+    its meta step with SGD(lr 1) moves phi by exactly minus the create_graph meta-gradient, its
+    classifier step by the weighted gradient; its L2RW step runs and moves theta."""
+    torchvision = pytest.importorskip("torchvision")
+    fresh_seed()
+    ex = readme_example()
+    model = torchvision.models.resnet18(num_classes=4).double()
+    weigh = ex["LossWeightNet"](hidden=8).double()
+    x, xv = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    y, yv = torch.randint(0, 4, (8,)), torch.randint(0, 4, (8,))
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    phi = [p.detach().clone() for p in weigh.parameters()]
+    # the reference: create_graph through theta' = theta - alpha grad mean w~(phi) l, then to phi
+    ref_model = copy.deepcopy(model)
+    theta = dict(ref_model.named_parameters())
+    losses = molere.per_sample_losses(ref_model, theta, x, y)
+    inner = torch.autograd.grad((weigh(losses) * losses).mean(), list(theta.values()), create_graph=True)
+    theta1 = {n: p - 0.1 * d for (n, p), d in zip(theta.items(), inner)}
+    ref = torch.autograd.grad(molere.per_sample_losses(ref_model, theta1, xv, yv).mean(), list(weigh.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ex["reweighted_step"](model, opt, weigh, torch.optim.SGD(weigh.parameters(), lr=1.0), x, y, xv, yv)
+    for p, before, r in zip(weigh.parameters(), phi, ref):
+        torch.testing.assert_close(p.detach() - before, -r, rtol=1e-7, atol=1e-12)
+    assert sum(r.abs().sum() for r in ref) > 1e-8
+    for (n, p), d in zip(params.items(), inner):
+        torch.testing.assert_close(model.state_dict()[n] - p, -0.1 * d.detach(), rtol=1e-7, atol=1e-12)
+    before = [p.detach().clone() for p in model.parameters()]
+    ex["l2rw_step"](model, opt, x, y, xv, yv)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
