@@ -7,6 +7,7 @@ import torch
 
 import molere
 import molere_io
+import report
 from tools import analyze
 
 
@@ -36,7 +37,7 @@ def test_tables_follow_the_records(tmp_path, capsys):
                  "--resplit-every", "1", "--hidden", "8", "--seeds", "0", "1", "--out", str(out), "--eval-every", "1"])
     capsys.readouterr()
     rows = molere_io.read_results(str(out / "results.jsonl"))
-    by = molere.accuracy_by_seed(rows)
+    by = report.accuracy_by_seed(rows)
     table = analyze.comparison_table(rows)
     pairs = [(a, b) for a, b, _ in analyze.COMPARISONS if a in by and b in by]
     assert len(pairs) == 5  # every comparison of the paper's methods and the control

@@ -28,6 +28,7 @@ import torch
 
 import molere
 import molere_io
+import report
 
 BINS = [-1.0, -0.5, 0.0, 0.5, 1.0001]
 
@@ -60,24 +61,24 @@ def describe(diffs):
 
 
 def accuracy_table(rows):
-    by = molere.accuracy_by_seed(rows)
+    by = report.accuracy_by_seed(rows)
     head = ["method", "n", "test accuracy mean ± std (%)", "paired gain over ERM (pp)", "± std",
-            "per seed (seed order)", "signs", "paired t p", molere.paper_column(rows, rows[0]["dataset"])[0]]
+            "per seed (seed order)", "signs", "paired t p", report.paper_column(rows, rows[0]["dataset"])[0]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in molere.METHODS:
         if m not in by:
             continue
-        mu, sd = molere.mean_std(list(by[m].values()))
-        cells = [molere.method_label(m), str(len(by[m])), f"{mu:.2f} ± {sd:.2f}"]
-        d = molere.paired_gains(by, m)
+        mu, sd = report.mean_std(list(by[m].values()))
+        cells = [report.method_label(m), str(len(by[m])), f"{mu:.2f} ± {sd:.2f}"]
+        d = report.paired_gains(by, m)
         cells += list(describe(d)) if m != "erm" and d else ["—"] * 5
-        cells.append(molere.paper_column(rows, rows[0]["dataset"])[1].get(m, "—"))
+        cells.append(report.paper_column(rows, rows[0]["dataset"])[1].get(m, "—"))
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in rows})
     lines.append(f"\nPer-seed test accuracy (%), seeds {', '.join(map(str, seeds))}:")
     for m in molere.METHODS:
         if m in by:
-            lines.append(f"* {molere.method_label(m)}: " + ", ".join(f"{by[m][s]:.2f}" for s in seeds if s in by[m]))
+            lines.append(f"* {report.method_label(m)}: " + ", ".join(f"{by[m][s]:.2f}" for s in seeds if s in by[m]))
     return "\n".join(lines)
 
 
@@ -90,11 +91,11 @@ COMPARISONS = [("lrw-random", "erm-tr", "the learned weights alone (same S_tr, s
 
 
 def comparison_table(rows):
-    by = molere.accuracy_by_seed(rows)
+    by = report.accuracy_by_seed(rows)
     head = ["comparison", "what it isolates", "n", "mean (pp)", "± std", "per seed", "signs", "paired t p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a, b, what in COMPARISONS:
-        d = molere.paired_gains(by, a, b)
+        d = report.paired_gains(by, a, b)
         if d:
             lines.append("| " + " | ".join([f"{a} − {b}", what, str(len(d))] + list(describe(d))) + " |")
     return "\n".join(lines)
@@ -111,7 +112,7 @@ def regime_table(rows):
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
         if not rs:
             continue
-        cells = [molere.method_label(m), ", ".join(f"{r['train_acc']:.2f}" for r in rs)]
+        cells = [report.method_label(m), ", ".join(f"{r['train_acc']:.2f}" for r in rs)]
         for key in ("w_spread", "w_loss_corr", "val_loss"):
             if key in rs[0]["log"][0]:
                 first = statistics.mean(r["log"][0][key] for r in rs)
@@ -150,7 +151,7 @@ def meta_level_table(rows):
             earlier = "; ".join(f"epoch {e['epoch']}: {e['test_acc']:.2f}" for e in log[:-1] if "test_acc" in e)
             dphi = f"{sum(e['dphi'] for e in log):.3g}" if "dphi" in log[0] else "—"
             gain = f"{r['test_acc'] - erm[r['seed']]:+.2f}" if m != "erm" and r["seed"] in erm else "—"
-            lines.append(f"| {molere.method_label(m)} | {r['seed']} | {gain} | {100 * r['fit_flipped']:.1f} / "
+            lines.append(f"| {report.method_label(m)} | {r['seed']} | {gain} | {100 * r['fit_flipped']:.1f} / "
                          f"{100 * r['fit_clean']:.1f} | {earlier or '—'} | {series(log, 'w_auc')} | "
                          f"{series(log, sat)} | {dphi} |")
     return "\n".join(lines)
@@ -193,7 +194,7 @@ def margin_table(gains):
            [f"ERM margin in [{lo:+.1f}, {min(hi, 1):+.1f})" for lo, hi in zip(BINS, BINS[1:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, (base, diff, n) in gains.items():
-        cells = [molere.method_label(m), str(n), f"{diff.mean():+.4f}", f"{diff.median():+.4f}"]
+        cells = [report.method_label(m), str(n), f"{diff.mean():+.4f}", f"{diff.median():+.4f}"]
         for lo, hi in zip(BINS, BINS[1:]):
             sel = (base >= lo) & (base < hi)
             cells.append(f"{diff[sel].mean():+.4f} (n={int(sel.sum())})" if sel.any() else "—")
@@ -210,7 +211,7 @@ def time_table(rows):
     for m in molere.METHODS:
         if m in by:
             t = statistics.mean(by[m])
-            lines.append(f"| {molere.method_label(m)} | {', '.join(f'{x:.0f}' for x in by[m])} | {t:.0f} | "
+            lines.append(f"| {report.method_label(m)} | {', '.join(f'{x:.0f}' for x in by[m])} | {t:.0f} | "
                          f"{f'{t / erm:.2f}' if erm else '—'} |")
     return "\n".join(lines)
 
@@ -244,7 +245,7 @@ def weight_table(curves):
         return None
     lines = ["| method | ERM margin bin centre: mean w~ (n images) |", "|---|---|"]
     for m, (x, w, n) in curves.items():
-        lines.append(f"| {molere.method_label(m)} | " + "; ".join(f"{a:+.1f}: {b:.3f} ({c})" for a, b, c in zip(x, w, n)) + " |")
+        lines.append(f"| {report.method_label(m)} | " + "; ".join(f"{a:+.1f}: {b:.3f} ({c})" for a, b, c in zip(x, w, n)) + " |")
     return "\n".join(lines)
 
 
@@ -271,7 +272,7 @@ def noise_table(weights):
     for m, entries in weights.items():
         for seed, clean, noisy in entries:  # AUC = P(w of a clean image > w of a noisy one), ties half
             auc = (clean[:, None] > noisy[None, :]).float().mean() + 0.5 * (clean[:, None] == noisy[None, :]).float().mean()
-            lines.append(f"| {molere.method_label(m)} | {seed} | {clean.mean():.3f} | {noisy.mean():.3f} | {auc:.3f} |")
+            lines.append(f"| {report.method_label(m)} | {seed} | {clean.mean():.3f} | {noisy.mean():.3f} | {auc:.3f} |")
     return "\n".join(lines)
 
 
@@ -295,17 +296,17 @@ def figures(rows, gains, curves, folder):
         """One line per method: series = {method: (x, y)}."""
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for m, (x, y) in series.items():
-            ax.plot(x, y, marker="o", label=molere.method_label(m), **(dict(ls="--", color="k") if m.startswith("erm (") else {}))
+            ax.plot(x, y, marker="o", label=report.method_label(m), **(dict(ls="--", color="k") if m.startswith("erm (") else {}))
         ax.axhline(baseline, color="k", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         save(fig, filename)
 
-    acc = molere.accuracy_by_seed(rows)
-    methods = [m for m in molere.METHODS[1:] if m in acc and molere.paired_gains(acc, m)]
-    gains_by = [molere.paired_gains(acc, m) for m in methods]
-    paper_head, paper_of = molere.paper_column(rows, rows[0]["dataset"])
+    acc = report.accuracy_by_seed(rows)
+    methods = [m for m in molere.METHODS[1:] if m in acc and report.paired_gains(acc, m)]
+    gains_by = [report.paired_gains(acc, m) for m in methods]
+    paper_head, paper_of = report.paper_column(rows, rows[0]["dataset"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = range(len(methods))
     ax.bar([x - 0.2 for x in xs], [statistics.mean(p) for p in gains_by], 0.4,
@@ -316,7 +317,7 @@ def figures(rows, gains, curves, folder):
     for x, p in zip(xs, gains_by):
         ax.scatter([x - 0.2] * len(p), p, color="k", s=8, zorder=3)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(list(xs), [molere.method_label(m).replace(" (", "\n(") for m in methods])
+    ax.set_xticks(list(xs), [report.method_label(m).replace(" (", "\n(") for m in methods])
     ax.set_ylabel("test accuracy gain over ERM (points)")
     ax.legend(fontsize=8)
     save(fig, "gain_over_erm.png")
@@ -338,7 +339,7 @@ def figures(rows, gains, curves, folder):
             edges = torch.linspace(float(torch.cat([clean, noisy]).min()), float(torch.cat([clean, noisy]).max()) + 1e-6, 31)
             ax.hist(clean.tolist(), bins=edges.tolist(), alpha=0.6, label="clean label")
             ax.hist(noisy.tolist(), bins=edges.tolist(), alpha=0.6, label="flipped label")
-            ax.set_title(f"{molere.method_label(m)}, seed {seed}", fontsize=9)
+            ax.set_title(f"{report.method_label(m)}, seed {seed}", fontsize=9)
             ax.set_xlabel("learned weight / mean")
         axes[0][0].set_ylabel("training images")
         axes[0][0].legend(fontsize=7)
@@ -353,10 +354,10 @@ def figures(rows, gains, curves, folder):
             epochs = [e["epoch"] for e in rs[0]["log"]]
             mean = lambda key: [statistics.mean(r["log"][i][key] for r in rs) for i in range(len(epochs))]
             if "w_auc" in rs[0]["log"][0]:
-                axes[0].plot(epochs, mean("w_auc"), label=molere.method_label(m))
+                axes[0].plot(epochs, mean("w_auc"), label=report.method_label(m))
                 sat = "w_zero" if "w_zero" in rs[0]["log"][0] else "w_sat"
-                axes[1].plot(epochs, mean(sat), label=molere.method_label(m) + (" (share w = 0)" if sat == "w_zero" else ""))
-            axes[2].plot(epochs, mean("fit_flipped"), label=molere.method_label(m))
+                axes[1].plot(epochs, mean(sat), label=report.method_label(m) + (" (share w = 0)" if sat == "w_zero" else ""))
+            axes[2].plot(epochs, mean("fit_flipped"), label=report.method_label(m))
         axes[0].axhline(0.5, color="k", lw=0.8)
         axes[0].set_ylabel("AUC of weights, clean above flipped")
         axes[1].set_ylabel("saturated weights (<0.05 or >0.95)")
@@ -374,10 +375,10 @@ def figures(rows, gains, curves, folder):
             if not rs:
                 continue
             epochs = [e["epoch"] for e in rs[0]["log"]]
-            a1.plot(epochs, [statistics.mean(r["log"][i]["loss"] for r in rs) for i in range(len(epochs))], label=molere.method_label(m))
+            a1.plot(epochs, [statistics.mean(r["log"][i]["loss"] for r in rs) for i in range(len(epochs))], label=report.method_label(m))
             tested = [i for i, e in enumerate(rs[0]["log"]) if "test_acc" in e]
             a2.plot([epochs[i] for i in tested], [statistics.mean(r["log"][i]["test_acc"] for r in rs) for i in tested],
-                    marker=".", label=molere.method_label(m))
+                    marker=".", label=report.method_label(m))
         a1.set_xlabel("epoch"), a1.set_ylabel("training loss (unweighted, batch mean)")
         a2.set_xlabel("epoch"), a2.set_ylabel("test accuracy (%), plotted, never used to select")
         a2.legend(fontsize=7)

@@ -26,6 +26,7 @@ import torch
 
 import molere
 import molere_io
+import report
 
 def jobs_of(args, cfg):
     """(method, seed) runs still to do, in plan order; a seed's ERM added where a train-twice
@@ -112,7 +113,7 @@ def main():
         print(f"\ninterrupted: rerun the same command to continue ({args.out} keeps every finished epoch)",
               file=sys.stderr)
         sys.exit(130)
-    print(molere.report_table(molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash()), cfg.dataset))
+    print(report.report_table(molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash()), cfg.dataset))
     if failed:
         molere.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
