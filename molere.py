@@ -12,24 +12,22 @@ Train-twice variants (LRW-Easy/Random/Hard) fix S_val from an ERM model's margin
     python molere.py --dataset cifar100 --data-root data --seeds 0 1 2     # the paper setting
     python molere.py --help
 
-The file reads in the order a run executes: config, data, networks, the LRW meta-gradient,
-the three steps of one training step, the MOLERE loop, the results table, CLI. The files a run
-reads and writes (CIFAR pickles, checkpoints, result records) are handled in molere_io.py, the
-fused weighted cross-entropy in kernels/. Equation -> function: README.md, "Where each
-equation lives".
+The file is the method and only the method, in the order a run executes: what each method
+is (METHODS), config, data, networks, weight nets and splitter, the look-ahead meta-gradient
+(SPEC section 7's weight_grad_fast / weight_grad_reference), the steps of one training step,
+the splits, the MOLERE loop (`train`). The frame lives beside it: the command line, the plan,
+checkpoints and result records in molere_cli.py, files in molere_io.py, the results table in
+report.py, the fused weighted cross-entropy in kernels/. Equation -> function: README.md,
+"Where each equation lives".
 """
-import argparse
 import contextlib
 import hashlib
 import json
 import math
-import os
-import signal
 import sys
-import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -37,22 +35,47 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 from kernels import weighted_cross_entropy
-from molere_io import (ConfigError, DataError, UserError, append_result, device_name, has_checkpoint, load_cifar,
-                       load_packed, make_writable_folder, read_checkpoint, read_results, run_lock,
-                       write_checkpoint)
+from molere_io import ConfigError, DataError, load_cifar, load_packed
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
 # ----------------------------------------------------------------------------- config
 
-METHODS = ("erm", "erm-tr", "lrw-random", "lrw-easy", "lrw-hard", "molere", "mwn", "l2rw")
-ALL = METHODS[:-2]  # what --method all runs: the paper's methods and the control
-# erm-tr: ERM on S_tr of LRW-Random's split, the price of holding delta of S out (SPEC section 4).
-# mwn: Meta-Weight-Net (Shu et al. 2019), weights from the per-sample loss, a meta step every step.
-# l2rw: Learning to Reweight (Ren et al. 2018), no meta-network: w_i ~ max(-g_i, 0) every step (SPEC section 8).
-ROLE = {"erm-tr": "control", "mwn": "baseline", "l2rw": "baseline"}  # methods that are not the paper's
-EVERY_STEP = ("mwn", "l2rw")  # a meta step on every classifier step (their papers' schedule), not every K
-NEEDS_ERM = ("lrw-easy", "lrw-hard")  # train-twice: S_val from a finished ERM model's margins
+@dataclass(frozen=True)
+class Method:
+    """What a method is, in one row (SPEC sections 1-4 and 8):
+    split       where S_val comes from: none (S_tr = S) | random (a seeded delta-split) | low-margin /
+                high-margin (the delta-fraction of lowest / highest margin under a finished ERM model
+                of the same seed) | splitter (random for the warm-up, then the splitter's hard split);
+                under --meta-set clean:N every split but none and splitter is the clean set
+    weights     none (w = 1) | features (g_phi on [h(x), y]) | loss (MW-Net's net on the loss) |
+                l2rw (no network: from the per-sample meta-gradient, every step)
+    every_step  a meta step on every classifier step (MW-Net's and L2RW's schedule), else every K
+    role        "" for the paper's methods; control or baseline in tables"""
+    split: str
+    weights: str
+    every_step: bool = False
+    role: str = ""
+    meta_wd: float = 0.0  # weight decay of the meta optimizer (MW-Net's published code: 1e-4)
+
+    @property
+    def reweights(self):
+        return self.weights != "none"
+
+
+METHODS = {
+    "erm": Method("none", "none"),
+    "erm-tr": Method("random", "none", role="control"),  # ERM on LRW-Random's S_tr: the price of holding delta out
+    "lrw-random": Method("random", "features"),
+    "lrw-easy": Method("high-margin", "features"),
+    "lrw-hard": Method("low-margin", "features"),
+    "molere": Method("splitter", "features"),
+    "mwn": Method("random", "loss", every_step=True, role="baseline", meta_wd=1e-4),  # Shu et al. 2019
+    "l2rw": Method("random", "l2rw", every_step=True, role="baseline"),  # Ren et al. 2018
+}
+ALL = [m for m, spec in METHODS.items() if spec.role != "baseline"]  # --method all: the paper's and the control
+ROLE = {m: spec.role for m, spec in METHODS.items() if spec.role}  # how tables label the others
+NEEDS_ERM = [m for m, spec in METHODS.items() if spec.split.endswith("margin")]  # train-twice: ERM's margins first
 DATASETS = ("synthetic", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
 
 
@@ -70,7 +93,7 @@ def _number(text):
 @dataclass(frozen=True)
 class Config:
     """Everything that defines a run's numbers, and nothing else (where and how a run executes
-    is apart, in `Runtime`). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
+    is apart, in molere_cli.Runtime). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
     standard recipe. Stored with every checkpoint and result; every field is a CLI flag."""
     dataset: str = knob("cifar100", "synthetic | cifar10 | cifar100 | packed (the CIFAR-10 subset that "
                                     "tools/pack.py writes to --data-root, for a GPU machine)")
@@ -167,15 +190,6 @@ class Config:
     def hash(self):
         return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how runs execute; none of it changes a run's numbers."""
-    device: torch.device = torch.device("cpu")
-    out: str = "runs"
-    resume: bool = False     # continue runs from their checkpoints, skip finished ones
-    compile: bool = False    # torch.compile the classifier's steps, evaluation and the fast meta step
-    eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
 
 # ----------------------------------------------------------------------------- data
 
@@ -462,7 +476,7 @@ class LossNet(nn.Module):
 def meta_input(run, h, logits, y):
     """What g_phi sees: the features h (SampleNet), or for MW-Net the per-sample loss, detached
     either way, so w does not depend on theta in the graph and the fast meta-gradient holds."""
-    if run.method == "mwn":
+    if run.spec.weights == "loss":
         return F.cross_entropy(logits.detach().float(), y, reduction="none")[:, None]
     return h
 
@@ -683,15 +697,15 @@ class Run:
         self.fwd = torch.compile(self.model) if compile else self.model  # plain steps, evaluation: no masks to replay
         self.compiled = compile  # the fast meta step's look-ahead and JVP too (`Compiled`)
         feats = self.model.features
-        self.meta = (LossNet(cfg.hidden) if method == "mwn" else SampleNet(feats, data.classes, cfg.hidden)).to(device)
+        self.spec = METHODS[method]
+        self.meta = (LossNet(cfg.hidden) if self.spec.weights == "loss" else
+                     SampleNet(feats, data.classes, cfg.hidden)).to(device)
         self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, sorted({round(f * cfg.epochs) for f in cfg.milestones}), cfg.gamma)
-        # MW-Net's published code: Adam(lr 1e-3, weight_decay 1e-4) on its weight net (SPEC section 8)
-        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr,
-                                         weight_decay=1e-4 if method == "mwn" else 0.0)
+        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr, weight_decay=self.spec.meta_wd)
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
         self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
         self.epoch = self.step = 0
@@ -700,7 +714,7 @@ class Run:
 
     @property
     def reweights(self):
-        return self.method not in ("erm", "erm-tr")
+        return self.spec.reweights
 
 
 def classifier_step(run, data, cfg, idx, stats, meta_next=False):
@@ -825,20 +839,20 @@ def train_steps(run, data, cfg, batches):
     val_idx = run.val_mask.nonzero().squeeze(1)
     stats = defaultdict(list)
     run.model.train()
-    K = 1 if run.method in EVERY_STEP else cfg.K
+    K = 1 if run.spec.every_step else cfg.K
     w_seen = torch.full((len(data.y),), float("nan"), device=run.device)  # each S_tr image once an epoch
     fits = torch.zeros(len(data.y), dtype=torch.bool, device=run.device)
     phi0 = torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone()
     for idx in batches:
         update = True
-        if run.method == "l2rw":
+        if run.spec.weights == "l2rw":
             update, w, fit = l2rw_step(run, data, cfg, idx, val_idx, stats)
         else:
             meta_now = run.reweights and run.step % K == 0
             x, y, h, rng, w, fit = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
             if meta_now:
                 meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
-                if run.method == "molere":
+                if run.spec.split == "splitter":
                     splitter_step(run, data, cfg, stats, val_idx)
         if update:
             run.opt.step()
@@ -869,7 +883,7 @@ def epoch_diagnostics(run, data, w, fits, phi0):
     seen = ~torch.isnan(w)
     out = {}
     if run.reweights:
-        if run.method == "l2rw":
+        if run.spec.weights == "l2rw":
             out["w_zero"] = (w[seen] == 0).float().mean()
         else:
             out["w_sat"] = ((w[seen] < 0.05) | (w[seen] > 0.95)).float().mean()
@@ -893,13 +907,24 @@ def random_split(data, delta, seed):
     return per_class_topk(torch.rand(len(data.y), generator=g).to(data.y.device), data.y, delta, data.classes)
 
 
-def train_twice_split(method, erm_model, data, delta, seed):
-    """SPEC section 3: validation split from the ERM model's margins on S (per class).
-    Hard = lowest margins, Easy = highest, Random = uniform (also the S_tr of the erm-tr control)."""
-    if method == "lrw-random":
+def initial_split(method, data, delta, seed, erm_model=None):
+    """Every choice of the S_val a run starts with, and its seed (SPEC sections 2-4 and 8), by the
+    method's `split`: none -> S_tr = S; splitter -> a random delta-split of its own seed for
+    MOLERE's warm-up; under --meta-set clean:N -> the clean set; random -> LRW-Random's seeded
+    split (also the S_tr of the erm-tr control, and MW-Net's and L2RW's S_val); low-margin /
+    high-margin -> train-twice LRW-Hard / LRW-Easy: per class the delta-fraction of lowest /
+    highest margin under `erm_model`, the finished ERM model of the same seed (SPEC section 3)."""
+    split = METHODS[method].split
+    if split == "none":
+        return torch.zeros(len(data.y), dtype=torch.bool, device=data.y.device)
+    if split == "splitter":
+        return random_split(data, delta, 20_000 + seed)
+    if data.meta_mask is not None:
+        return data.meta_mask
+    if split == "random":
         return random_split(data, delta, 10_000 + seed)
     pm = margins(predict(erm_model, data, data.x)[0], data.y)
-    return per_class_topk(-pm if method == "lrw-hard" else pm, data.y, delta, data.classes)
+    return per_class_topk(-pm if split == "low-margin" else pm, data.y, delta, data.classes)
 
 
 def molere_split(run, data, cfg):
@@ -917,322 +942,28 @@ def molere_split(run, data, cfg):
 # ----------------------------------------------------------------------------- one run: the MOLERE loop
 
 
-def checkpoint_path(rt, cfg, method, seed):
-    return os.path.join(rt.out, f"{cfg.dataset}-{method}-seed{seed}.pt")
-
-
-def save_checkpoint(run, path, cfg):
-    """Everything a run owns, as tensors, numbers, strings, lists and dicts only (readable with
-    torch.load(weights_only=True)), written crash-safe (molere_io.write_checkpoint)."""
-    ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
-    ckpt.update(config=cfg.as_dict(), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
-                elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)))
-    write_checkpoint(path, ckpt)
-
-
-def restore(run, ckpt):
-    for k in Run.STATE:
-        getattr(run, k).load_state_dict(ckpt[k])
-    run.epoch, run.step, run.elapsed, run.log = ckpt["epoch"], ckpt["step"], ckpt["elapsed"], ckpt["log"]
-    run.val_mask = ckpt["val_mask"].to(run.device)
-    torch.set_rng_state(ckpt["rng"][0])
-    if ckpt["rng"][1] is not None and run.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"][1], run.device)
-
-
-class StopAfter(Exception):
-    """--stop-after reached: the checkpoint is written; --resume continues."""
-
-
-class EpochBudget:
-    """How many more epochs this invocation may train (--stop-after; None: no limit)."""
-
-    def __init__(self, epochs=None):
-        self.left = epochs or None
-
-    def spend(self):
-        if self.left is not None:
-            self.left -= 1
-            if self.left <= 0:
-                raise StopAfter
-
-
-def train(cfg, rt, method, seed, data, val_mask=None, budget=None):
-    """Train one (method, seed) to the end, checkpointing every epoch; returns the run and its
-    result. ERM: S_tr = S. Train-twice LRW: the fixed `val_mask`. MOLERE: a random split for
-    the warm-up epochs, then every R epochs the splitter's hard split."""
-    path = checkpoint_path(rt, cfg, method, seed)
-    run = Run(cfg, method, seed, data, rt.device, rt.compile)
-    tag = f"[{method} seed {seed}]"
-    if rt.resume and has_checkpoint(path):
-        restore(run, read_checkpoint(path, cfg.as_dict()))
-        print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
-    elif method == "molere":
-        run.val_mask = random_split(data, cfg.delta, 20_000 + seed)
-    elif val_mask is not None:
-        run.val_mask = val_mask
-    test_logits = None
+def train(run, data, cfg, on_epoch=None):
+    """The algorithm (SPEC sections 1 and 2), from wherever `run` stands, fresh or restored:
+      every epoch     one classifier step per batch of S_tr; every K-th step (every step for
+                      MW-Net and L2RW) also a meta step on phi, and for MOLERE a splitter step
+                      on Theta (`train_steps`); then the lr schedule steps
+      MOLERE          after W warm-up epochs on a random split, every R epochs S_val becomes the
+                      splitter's hard split (`molere_split`)
+    `on_epoch(run, entry)` receives each epoch's log entry: the frame evaluates, checkpoints and
+    prints there (molere_cli.py)."""
     while run.epoch < cfg.epochs:
-        t0 = time.time()
         split = {}
-        if method == "molere" and run.epoch >= cfg.warmup_epochs and \
+        if run.spec.split == "splitter" and run.epoch >= cfg.warmup_epochs and \
                 (run.epoch - cfg.warmup_epochs) % cfg.resplit_every == 0:
             run.val_mask, split = molere_split(run, data, cfg)
         lr = run.opt.param_groups[0]["lr"]
         stats = train_epoch(run, data, cfg)
         run.sched.step()
         run.epoch += 1
-        entry = dict(epoch=run.epoch, lr=lr, **stats, **split)
-        if run.epoch == cfg.epochs or (rt.eval_every and run.epoch % rt.eval_every == 0):
-            test_logits, _ = predict(run.fwd, data, data.x_test)
-            entry["test_acc"] = accuracy(test_logits, data.y_test)
-        run.elapsed += time.time() - t0
-        entry["time_s"] = round(time.time() - t0, 2)
-        run.log.append(entry)
-        save_checkpoint(run, path, cfg)
-        print(progress_line(tag, entry, run, cfg.epochs), flush=True)
-        if budget is not None:
-            budget.spend()
-    if test_logits is None:  # resumed from a checkpoint of the last epoch
-        test_logits, _ = predict(run.fwd, data, data.x_test)
-    train_logits, h = predict(run.fwd, data, data.x)  # the regime check: how well S is fitted
-    rounded = lambda t: [round(v, 4) for v in t.tolist()]
-    with torch.no_grad():
-        weights = rounded(instance_weights(run.meta, meta_input(run, h, train_logits, data.y), data.y, "none")) \
-            if run.reweights and run.method != "l2rw" else None  # L2RW has no weight for an image outside a batch
-    fits = {}
-    if data.noisy is not None:  # the regime check under noise: does the model memorise the flipped labels?
-        right = train_logits.argmax(1) == data.y
-        fits = dict(fit_flipped=float(right[data.noisy].float().mean()), fit_clean=float(right[~data.noisy].float().mean()))
-    return run, dict(
-        method=method, seed=seed, dataset=cfg.dataset, config_hash=cfg.hash(), config=cfg.as_dict(),
-        test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
-        train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
-        train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
-        noisy=(data.y != data.y_true).nonzero().squeeze(1).tolist(),
-        val_size=int(run.val_mask.sum()), **fits, log=run.log, wall_time_s=round(run.elapsed, 1),
-        device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        if on_epoch is not None:
+            on_epoch(run, dict(epoch=run.epoch, lr=lr, **stats, **split))
 
 
-def progress_line(tag, e, run, epochs):
-    eta = run.elapsed / run.epoch * (epochs - run.epoch)
-    parts = [f"{tag} epoch {e['epoch']}/{epochs}", f"lr {e['lr']:.4g}", f"loss {e['loss']:.3f}"]
-    if run.reweights:
-        parts += [f"w {e['w_mean']:.2f} spread {e['w_spread']:.2f} corr(w,l) {e['w_loss_corr']:+.2f}",
-                  f"val-loss {e['val_loss']:.3f}", f"val n={int(run.val_mask.sum())}"]
-    if "w_auc" in e or "w_sat" in e or "w_zero" in e:
-        parts.append(" ".join(f"{k} {e[k]:.2f}" for k in ("w_sat", "w_zero", "w_auc") if k in e))
-    if "fit_flipped" in e:
-        parts.append(f"fits flipped {e['fit_flipped']:.0%} clean {e['fit_clean']:.0%}")
-    if "split_fit" in e:
-        parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_l_val']:.3f} "
-                     f"R_size {e['split_r_size']:.4f} R_bal {e['split_r_bal']:.4f}")
-    if "val_err" in e:  # a re-split: the classifier's error on the new S_val and S_tr (details in the log)
-        parts.append(f"new split: err val {e['val_err']:.1%} train {e['train_err']:.1%}, kept {e['split_kept']:.0%}")
-    if "test_acc" in e:
-        parts.append(f"test {e['test_acc']:.2f}%")
-    h, rest = divmod(int(eta), 3600)
-    parts.append(f"{e['time_s']:.1f}s ETA {h}:{rest // 60:02d}:{rest % 60:02d}")
-    return " | ".join(parts)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown for flags that take a value; an on/off flag's help says it in words."""
-
-    def _get_help_string(self, action):
-        return action.help if action.nargs == 0 else super()._get_help_string(action)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="MOLERE / LRW reproduction (CVPR 2024). Defaults: the paper's CIFAR-100 "
-                    "WRN-28-10 setting with the standard recipe.",
-        formatter_class=Help)
-    a = p.add_argument
-    a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
-      "mwn | l2rw (baselines) | all, or a comma list (all: every method but the baselines; ERM once per seed, reused for the "
-      "train-twice margins)")
-    a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
-    a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    a("--no-download", action="store_true", help="never try to download missing CIFAR files (without this flag: try torchvision's MD5-checked download)")
-    for f in fields(Config):  # what defines a run's numbers: one flag per Config field
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):  # default on: the flag turns it off
-            a("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-              help=f"turn off: {f.metadata['help']} (on without this flag)")
-        elif isinstance(f.default, tuple):
-            a(flag, type=float, nargs="+", default=list(f.default), help=f.metadata["help"])
-        else:
-            a(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--compile", action="store_true", help="torch.compile the classifier's plain steps, evaluation and the fast "
-      "meta step's look-ahead and JVP (dropout masks still replayed; eager, with one line, where compile fails)")
-    a("--out", default="runs", help="folder for checkpoints and results.jsonl")
-    a("--resume", action="store_true", help="continue runs from their checkpoints and skip finished ones (without "
-      "this flag an existing checkpoint stops the command)")
-    a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
-    a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
-    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    a("--report", action="store_true", help="only print the results table of this config from OUT, train nothing")
-    p.error = lambda msg: fail(msg)  # one clear line, not a usage dump
-    return p
-
-
-def fail(msg):
-    print(f"molere.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def plan_of(method):
-    """--method all (the paper's methods and the control), one method, or a comma list."""
-    return list(ALL) if method == "all" else [m for m in METHODS if m in method.split(",")]
-
-
-def check_plan(cfg, rt, plan, seeds, data):
-    """What only the whole plan can tell: split sizes and existing checkpoints, before any step."""
-    n = len(data.y)
-    val = int(per_class_topk(torch.zeros(n, device=data.y.device), data.y, cfg.delta, data.classes).sum())
-    needs_split = any(m != "erm" for m in plan)
-    if cfg.batch_size > (min(val, n - val) if needs_split else n):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than a split (train {n - val if needs_split else n}"
-                          f"{f', validation {val}' if needs_split else ''} of {n} images): lower it or raise --delta")
-    for seed in seeds:
-        for m in plan:
-            path = checkpoint_path(rt, cfg, m, seed)
-            if has_checkpoint(path):
-                if not rt.resume:
-                    raise UserError(f"{path} exists: pass --resume to continue it, or use another --out")
-                read_checkpoint(path, cfg.as_dict())
-
-
-def finished_erm(cfg, rt, seed, data, budget):
-    """The ERM model of this config and seed, for the train-twice margins (trained if needed)."""
-    path = checkpoint_path(rt, cfg, "erm", seed)
-    with run_lock(path) as mine:
-        if not mine:
-            raise UserError(f"ERM of seed {seed}, which LRW-Easy/Hard split by, is being trained by another "
-                            f"process ({path}.lock): rerun with --resume once it has finished")
-        if has_checkpoint(path):
-            ckpt = read_checkpoint(path, cfg.as_dict())
-            if ckpt["epoch"] == cfg.epochs:
-                run = Run(cfg, "erm", seed, data, rt.device)
-                run.model.load_state_dict(ckpt["model"])
-                return run.model, None
-        run, result = train(cfg, replace(rt, resume=True), "erm", seed, data, budget=budget)  # continue a partial one
-        return run.model, result
-
-
-def run_plan(cfg, rt, plan, seeds, data, budget):
-    """Every (method, seed) of the plan, finished runs skipped; ERM reused for the margins."""
-    results_path = os.path.join(rt.out, "results.jsonl")
-    done = {(r["method"], r["seed"]) for r in read_results(results_path, cfg.hash())} if rt.resume else set()
-    for seed in seeds:
-        erm_model = None
-        for method in plan:
-            if (method, seed) in done:
-                print(f"[{method} seed {seed}] finished earlier, result in {results_path}")
-                continue
-            val_mask = None
-            if data.meta_mask is not None and method not in ("erm", "molere"):
-                val_mask = data.meta_mask  # --meta-set clean:N: the fixed clean S_val
-            elif method in NEEDS_ERM:
-                if erm_model is None:
-                    erm_model, result = finished_erm(cfg, rt, seed, data, budget)
-                    if result is not None and ("erm", seed) not in done:
-                        append_result(results_path, result)
-                        done.add(("erm", seed))
-                val_mask = train_twice_split(method, erm_model, data, cfg.delta, seed)
-            elif method in ("lrw-random", "erm-tr", "mwn", "l2rw"):
-                val_mask = train_twice_split("lrw-random", None, data, cfg.delta, seed)
-            path = checkpoint_path(rt, cfg, method, seed)
-            with run_lock(path) as mine:  # one process per run: a plan launched twice never trains a run twice
-                busy = not mine or (method, seed) in {(r["method"], r["seed"]) for r in
-                                                      read_results(results_path, cfg.hash())}
-                if busy or (has_checkpoint(path) and not rt.resume):
-                    print(f"[{method} seed {seed}] trained by another process{' (finished)' if busy and mine else ''};"
-                          f" skipped here, rerun with --resume to continue or report it", flush=True)
-                    continue
-                run, result = train(cfg, rt, method, seed, data, val_mask, budget)
-                append_result(results_path, result)
-            if method == "erm":
-                erm_model = run.model
-            done.add((method, seed))
-            print(f"[{method} seed {seed}] test accuracy {result['test_acc']:.2f}% "
-                  f"({result['wall_time_s']:.0f}s)", flush=True)
-
-
-def setup(argv=None):
-    """Everything checked before any work: the flags (Config), then the data, the split sizes,
-    existing checkpoints and --out. Returns (args, cfg, rt, data); bad input ends in one line."""
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-        unknown = [m for m in args.method.split(",") if m not in METHODS + ("all",)]
-        if unknown or ("all" in args.method.split(",") and args.method != "all"):
-            raise ConfigError(f"unknown --method {args.method!r}: choose from {', '.join(METHODS + ('all',))}, "
-                              f"or a comma list of methods")
-        if cfg.meta_set != "split" and set(NEEDS_ERM) & set(plan_of(args.method)):
-            raise ConfigError(f"--meta-set {cfg.meta_set} fixes S_val, so LRW-Easy and LRW-Hard have no split to "
-                              f"choose: run erm,erm-tr,lrw-random,mwn,l2rw,molere")
-        if min(args.seeds) < 0:
-            raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
-        if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
-            raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
-        if "molere" in plan_of(args.method) and cfg.warmup_epochs >= cfg.epochs:
-            raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves MOLERE no epoch on the splitter's "
-                              f"split (--epochs {cfg.epochs}): lower it")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device} asked for, but torch sees no CUDA device")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = torch.device(args.device if args.device != "auto" else
-                              ("cuda" if torch.cuda.is_available() else "cpu"))
-        rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
-        if args.report:
-            return args, cfg, rt, None
-        data = load_data(cfg, device, args.data_root, not args.no_download)
-        check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
-        make_writable_folder(rt.out, "--out")
-    except UserError as e:
-        fail(str(e))
-    return args, cfg, rt, data
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # `kill` (SIGTERM) ends a run like Ctrl-C: checkpoints kept, one message
-
-
-def main(argv=None):
-    from report import report_table  # report.py reads METHODS and ROLE from this file
-    args, cfg, rt, data = setup(argv)
-    results_path = os.path.join(rt.out, "results.jsonl")
-    if args.report:
-        print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
-        return
-    if __name__ == "__main__":
-        signal.signal(signal.SIGTERM, interrupt)
-    if rt.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
-          f"WRN-{cfg.depth}-{cfg.width} on {device_name(rt.device)}; config {cfg.hash()}; "
-          f"results -> {results_path}", flush=True)
-    try:
-        run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after))
-    except UserError as e:
-        fail(str(e))
-    except StopAfter:
-        print(f"stopped after {args.stop_after} epoch(s) (--stop-after); continue with --resume", flush=True)
-        return
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished epoch is checkpointed in {rt.out}; "
-              f"rerun the same command with --resume to continue", file=sys.stderr)
-        sys.exit(130)
-    print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python molere.py ...: the command line lives in molere_cli.py
+    import molere_cli
+    molere_cli.main(handle_sigterm=True)

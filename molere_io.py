@@ -170,17 +170,21 @@ def write_checkpoint(path, ckpt):
 
 
 @contextlib.contextmanager
-def run_lock(path):
+def run_lock(path, wait=None):
     """An exclusive lock on PATH.lock while this process trains the run whose checkpoint is
-    PATH: yields True, or False (holding nothing) where another process holds it. The kernel
-    drops the lock when its holder exits, however it exits."""
+    PATH: yields True, or False (holding nothing) where another process holds it; with `wait`
+    (a line to print), it waits for the lock instead. The kernel drops the lock when its holder
+    exits, however it exits."""
     fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
+            if wait is None:
+                yield False
+                return
+            print(wait, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield True
     finally:
         os.close(fd)

@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-import molere
+import molere_cli
 import molere_io
 import report
 from tools import analyze
@@ -32,7 +32,7 @@ def test_paired_t_test_matches_closed_forms(n):
 
 def test_tables_follow_the_records(tmp_path, capsys):
     out = tmp_path / "out"
-    molere.main(["--dataset", "synthetic", "--train-subset", "200", "--depth", "10", "--width", "1",
+    molere_cli.main(["--dataset", "synthetic", "--train-subset", "200", "--depth", "10", "--width", "1",
                  "--dropout", "0", "--batch-size", "20", "--epochs", "2", "--warmup-epochs", "1",
                  "--resplit-every", "1", "--hidden", "8", "--seeds", "0", "1", "--out", str(out), "--eval-every", "1"])
     capsys.readouterr()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import molere
+import molere_cli
 import molere_io
 from test_molere import ROOT, write_cifar
 from tools import pack
@@ -39,7 +39,7 @@ def test_pack_is_balanced_reproducible_and_read_back_safely(packed):
 
 def test_packed_dataset_trains_through_the_cli(packed, tmp_path, capsys):
     _, path = packed
-    molere.main(["--dataset", "packed", "--data-root", os.path.dirname(path), "--method", "erm", "--epochs", "1",
+    molere_cli.main(["--dataset", "packed", "--data-root", os.path.dirname(path), "--method", "erm", "--epochs", "1",
                  "--depth", "10", "--width", "1", "--batch-size", "50", "--eval-every", "0", "--out", str(tmp_path)])
     assert "packed: 300 training / 100 test images" in capsys.readouterr().out
 
@@ -56,7 +56,7 @@ def test_bad_packed_file_one_line_exit_2(tmp_path, capsys, damage):
         np.savez(target, x=np.zeros((2, 3, 32, 32), np.uint8), y=np.array([0, 10]),
                  x_test=np.zeros((1, 3, 32, 32), np.uint8), y_test=np.array([0]), classes=np.array(10))
     with pytest.raises(SystemExit) as e:
-        molere.main(["--dataset", "packed", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+        molere_cli.main(["--dataset", "packed", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and molere_io.PACKED in err, err
     assert {"missing": "tools.pack", "not a zip": "not a packed CIFAR file", "object array": "not a packed CIFAR file",
@@ -74,7 +74,7 @@ def test_gpu_command_smoke_on_the_cpu(packed, tmp_path, study, runs):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     plan = json.load(open(out / "plan.json"))
     assert plan["seeds"] == 1 and plan["epochs"] == 2 and set(plan["probe"]) == set(
-        molere.plan_of(tools_study(study)["methods"]))
+        molere_cli.plan_of(tools_study(study)["methods"]))
     rows = molere_io.read_results(str(out / "results.jsonl"))
     assert len(rows) == runs and all(len(r["log"]) == 2 for r in rows)
     table = open(out / "table.md").read()

@@ -25,7 +25,7 @@ def test_meta_step_moves_phi_down_the_reference_meta_gradient_at_the_scheduled_l
     w~ = w / mean w in the look-ahead, on a validation batch drawn from S_val."""
     seed = fresh_seed()
     cfg, data, run = small_run(method, seed, dropout=0.0)
-    run.val_mask = molere.train_twice_split("lrw-random", None, data, cfg.delta, seed)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
     val_idx = run.val_mask.nonzero().squeeze(1)
     run.sched.step()  # past the first milestone: lr 0.1 -> 0.02
     alpha = cfg.lr * cfg.gamma
@@ -109,7 +109,7 @@ def test_resplit_holds_the_top_p_val_samples_of_each_class():
 def test_mwn_weight_net_sees_each_samples_loss_with_its_own_label():
     seed = fresh_seed()
     cfg, data, run = small_run("mwn", seed, dropout=0.0)
-    run.val_mask = molere.train_twice_split("lrw-random", None, data, cfg.delta, seed)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
     idx = molere.epoch_batches(run, cfg)[0]
     state = torch.get_rng_state()
     x, y, h, _, w, _ = molere.classifier_step(run, data, cfg, idx, molere.defaultdict(list), meta_next=True)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import molere
+import molere_cli
 import molere_io
 from kernels import weighted_cross_entropy
 
@@ -249,7 +250,7 @@ def test_train_twice_hard_holds_lowest_margins_easy_highest():
     model = molere.WideResNet(10, 1, data.classes, 0.0)
     with torch.no_grad():
         model.fc.weight.mul_(20)  # spread the margins
-    splits = {m: molere.train_twice_split(m, model, data, 0.2, 0) for m in ("lrw-hard", "lrw-easy", "lrw-random")}
+    splits = {m: molere.initial_split(m, data, 0.2, 0, model) for m in ("lrw-hard", "lrw-easy", "lrw-random")}
     model.eval()
     with torch.no_grad():  # independent margins in float64
         x = ((data.x.double() / 255) - data.mean.double()) / data.std.double()
@@ -341,7 +342,7 @@ def test_pickle_reader(tmp_path, name):
 
 
 def run_main(argv, capsys):
-    molere.main(argv)
+    molere_cli.main(argv)
     return capsys.readouterr()
 
 
@@ -421,7 +422,7 @@ BAD = [
 def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, msg):
     argv = ["--dataset", "synthetic", "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path)] + extra
     with pytest.raises(SystemExit) as e:
-        molere.main(argv)
+        molere_cli.main(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, err
     assert not os.listdir(tmp_path)  # nothing trained
@@ -439,7 +440,7 @@ def test_config_refuses_bad_values_when_built_in_python():
 def test_missing_and_corrupt_data_one_line_exit_2(tmp_path, capsys):
     base = ["--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
-        molere.main(base)
+        molere_cli.main(base)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "cifar10 not found" in err and "cifar-10-batches-py" in err
     assert len(err.splitlines()) == 1
@@ -447,7 +448,7 @@ def test_missing_and_corrupt_data_one_line_exit_2(tmp_path, capsys):
     with open(os.path.join(folder, "data_batch_3"), "wb") as f:
         f.write(b"this is not a pickle")
     with pytest.raises(SystemExit) as e:
-        molere.main(base)
+        molere_cli.main(base)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "data_batch_3 is not a readable CIFAR pickle" in err
     assert len(err.splitlines()) == 1
@@ -458,10 +459,10 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
               "--out", str(tmp_path)] + TINY
     run_main(common, capsys)
     with pytest.raises(SystemExit) as e:  # same checkpoint, no --resume
-        molere.main(common)
+        molere_cli.main(common)
     assert e.value.code == 2 and "--resume" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        molere.main(common + ["--resume", "--lr", "0.05"])
+        molere_cli.main(common + ["--resume", "--lr", "0.05"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "different config (differs in: lr)" in err and len(err.splitlines()) == 1
 
@@ -525,7 +526,7 @@ def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
     the weights (the public course reproduction's bug) would learn class 3 like the rest."""
     seed = fresh_seed()
     cfg, data, run = small_run("lrw-random", seed)
-    run.val_mask = molere.train_twice_split("lrw-random", None, data, cfg.delta, seed)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
     with torch.no_grad():  # logit -1e4 for class 3 whatever h is (sigmoid = 0), 0 for the others
         first, last = run.meta.net[0], run.meta.net[2]
         first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
@@ -553,8 +554,9 @@ def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatc
 
     monkeypatch.setattr(molere, "classifier_step", recording_step)
     erm = molere.WideResNet(10, 1, data.classes, 0.0)  # any model gives margins for the split
-    val_mask = None if method == "molere" else molere.train_twice_split(method, erm, data, cfg.delta, seed)
-    molere.train(cfg, molere.Runtime(out=str(tmp_path), eval_every=0), method, seed, data, val_mask)
+    run = molere.Run(cfg, method, seed, data, torch.device("cpu"))
+    run.val_mask = molere.initial_split(method, data, cfg.delta, seed, erm)
+    molere.train(run, data, cfg)
     assert len(seen) == cfg.epochs * 9  # 360 training images, batch 40
     for epoch in range(cfg.epochs):
         rows = [(idx, mask) for e, idx, mask in seen if e == epoch]
@@ -636,7 +638,7 @@ def test_unreadable_checkpoint_falls_back_or_says_what_to_do(tmp_path, capsys):
         f.write_bytes(b"garbage")
     (tmp_path / "results.jsonl").unlink()
     with pytest.raises(SystemExit) as e:
-        molere.main(common + ["--resume"])
+        molere_cli.main(common + ["--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "cannot be read" in err[-1] and "delete it" in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
@@ -654,7 +656,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, monkeypat
     os.makedirs(tmp_path / "o")
     torch.save({"epoch": 1, "evil": _Boom()}, str(tmp_path / "o" / "synthetic-erm-seed0.pt"))
     with pytest.raises(SystemExit) as e:
-        molere.main(common + ["--resume"])
+        molere_cli.main(common + ["--resume"])
     assert e.value.code == 2 and "cannot be read" in capsys.readouterr().err
     assert not (tmp_path / "ran").exists()
 
@@ -662,7 +664,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, monkeypat
 def test_out_that_cannot_be_created_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as e:
-        molere.main(["--dataset", "synthetic", "--train-subset", "100", "--epochs", "1", "--method", "erm",
+        molere_cli.main(["--dataset", "synthetic", "--train-subset", "100", "--epochs", "1", "--method", "erm",
                      "--out", str(tmp_path / "file" / "sub")] + TINY)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "cannot be created or written" in err and len(err.splitlines()) == 1
@@ -674,7 +676,7 @@ def test_a_cifar_pickle_that_would_run_code_is_refused(tmp_path, capsys, monkeyp
     with open(os.path.join(folder, "data_batch_2"), "wb") as f:
         pickle.dump({"data": _Boom(), "labels": [0]}, f)
     with pytest.raises(SystemExit) as e:
-        molere.main(["--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download", "--out", str(tmp_path / "o")])
+        molere_cli.main(["--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "data_batch_2 is not a readable CIFAR pickle" in err and "refused to load posix.system" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "ran").exists()

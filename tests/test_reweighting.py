@@ -122,7 +122,7 @@ def test_l2rw_batch_with_no_positive_weight_makes_no_update(monkeypatch):
     (no step of momentum or weight decay either); any positive weight moves theta."""
     seed = fresh_seed()
     cfg, data, run = small_run("l2rw", seed, epochs=1)
-    run.val_mask = molere.train_twice_split("lrw-random", None, data, cfg.delta, seed)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
     batch = molere.epoch_batches(run, cfg)[:2]
     molere.train_steps(run, data, cfg, batch[:1])  # momentum buffers exist from here on
     before = [p.detach().clone() for p in run.model.parameters()]

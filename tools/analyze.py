@@ -178,7 +178,7 @@ def paired_margin_gains(rows):
     'erm (other seed)' pairs ERM of one seed with ERM of every other seed."""
     erm = {r["seed"]: torch.tensor(r["test_margins"]) for r in rows if r["method"] == "erm"}
     out = {}
-    for m in molere.METHODS[1:]:
+    for m in list(molere.METHODS)[1:]:
         pairs = [(erm[r["seed"]], torch.tensor(r["test_margins"]) - erm[r["seed"]])
                  for r in rows if r["method"] == m and r["seed"] in erm]
         if pairs:
@@ -304,7 +304,7 @@ def figures(rows, gains, curves, folder):
         save(fig, filename)
 
     acc = report.accuracy_by_seed(rows)
-    methods = [m for m in molere.METHODS[1:] if m in acc and report.paired_gains(acc, m)]
+    methods = [m for m in list(molere.METHODS)[1:] if m in acc and report.paired_gains(acc, m)]
     gains_by = [report.paired_gains(acc, m) for m in methods]
     paper_head, paper_of = report.paper_column(rows, rows[0]["dataset"])
     fig, ax = plt.subplots(figsize=(7, 3.5))

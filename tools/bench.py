@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import molere
+import molere_cli
 import molere_io
 
 
@@ -136,7 +137,7 @@ def main():
     device = torch.device(b.device if b.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rt = molere.Runtime(device, compile=b.compile)
+    rt = molere_cli.Runtime(device, compile=b.compile)
     data = molere.load_data(cfg, device)
     steps = -(-b.steps // b.K) * b.K
     print(f"WRN-{b.depth}-{b.width}, batch {b.batch_size}, K={b.K}, {steps} timed steps, "

@@ -30,6 +30,7 @@ import time
 import torch
 
 import molere
+import molere_cli
 import molere_io
 
 STUDIES = {
@@ -56,7 +57,7 @@ def study_args(study, data_root, out, epochs, seeds, smoke):
 def probe(argv, steps):
     """Seconds per training step of one method under the contention of the whole plan (run in
     its own process): a few untimed steps, then `steps` timed ones through molere.train_steps."""
-    args, cfg, rt, data = molere.setup(argv)
+    args, cfg, rt, data = molere_cli.setup(argv)
     method = args.method
     run = molere.Run(cfg, method, 0, data, rt.device)
     if method != "erm":
@@ -78,7 +79,7 @@ def measure(study, data_root, out, seeds, smoke, steps, log, device):
     """Start every run of the plan at once as a probe; {method: (s per step, steps per epoch)}
     taken as the slowest seed's."""
     argv = study_args(study, data_root, os.path.join(out, "probe"), 4, 1, smoke) + ["--device", device]
-    methods = molere.plan_of(STUDIES[study]["methods"])
+    methods = molere_cli.plan_of(STUDIES[study]["methods"])
     threads = str(max(1, len(os.sched_getaffinity(0)) // (len(methods) * seeds)))
     procs = [subprocess.Popen([sys.executable, "-m", "tools.gpu_evidence", "probe", "--steps", str(steps), "--",
                                *argv, "--method", m, "--threads", threads],
@@ -158,7 +159,7 @@ def main(argv=None):
         plan = size(a.study, a, t_start, log)
         cmd = study_args(a.study, a.data_root, a.out, plan["epochs"], plan["seeds"], a.smoke)
         cmd += ["--device", a.device]
-        workers = len(molere.plan_of(STUDIES[a.study]["methods"])) * plan["seeds"]
+        workers = len(molere_cli.plan_of(STUDIES[a.study]["methods"])) * plan["seeds"]
         print(f"{a.study}: {plan['seeds']} seed(s) x {plan['epochs']} epochs, {workers} parallel runs; "
               f"log in {a.out}/run.log", flush=True)
         schedule = [sys.executable, "-m", "tools.schedule", "--workers", str(workers),

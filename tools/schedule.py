@@ -25,6 +25,7 @@ import time
 import torch
 
 import molere
+import molere_cli
 import molere_io
 import report
 
@@ -34,7 +35,7 @@ def jobs_of(args, cfg):
     done = {(r["method"], r["seed"]) for r in molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash())}
     todo = []
     for seed in args.seeds:
-        plan = molere.plan_of(args.method)
+        plan = molere_cli.plan_of(args.method)
         if any(m in molere.NEEDS_ERM for m in plan) and "erm" not in plan:
             plan = ["erm"] + plan
         todo += [(m, seed) for m in plan if (m, seed) not in done]
@@ -66,16 +67,16 @@ def main():
     if "--" in own:
         own, argv = own[:own.index("--")], own[own.index("--") + 1:]
     own = p.parse_args(own)
-    args, cfg, rt, _ = molere.setup(argv)
+    args, cfg, rt, _ = molere_cli.setup(argv)
     slots = torch.cuda.device_count() * max(1, own.per_gpu)
     workers = own.workers or (slots if rt.device.type == "cuda" else 2)
     if workers < 1 or own.per_gpu < 1 or (rt.device.type == "cuda" and workers > slots):
-        molere.fail(f"--workers {workers}: need 1 to {slots} on this machine's GPUs "
+        molere_cli.fail(f"--workers {workers}: need 1 to {slots} on this machine's GPUs "
                     f"({torch.cuda.device_count()} GPU(s) x --per-gpu {own.per_gpu})")
     todo, done = jobs_of(args, cfg)
     print(f"{len(todo)} runs on {workers} {'GPU' if rt.device.type == 'cuda' else 'CPU'} worker(s); "
           f"{len(done)} finished earlier; results -> {os.path.join(args.out, 'results.jsonl')}", flush=True)
-    signal.signal(signal.SIGTERM, molere.interrupt)  # `kill` stops the workers' runs too, checkpoints kept
+    signal.signal(signal.SIGTERM, molere_cli.interrupt)  # `kill` stops the workers' runs too, checkpoints kept
     lock, running, failed = threading.Lock(), {}, []
     erm_done = {s for m, s in done if m == "erm"}
     try:
@@ -115,7 +116,7 @@ def main():
         sys.exit(130)
     print(report.report_table(molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash()), cfg.dataset))
     if failed:
-        molere.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+        molere_cli.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

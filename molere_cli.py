@@ -1,0 +1,345 @@
+"""
+The frame around molere.py: the command line, where and how runs execute (`Runtime`), the plan
+of (method, seed) runs, checkpoints, the epoch budget, progress lines and result records.
+None of it changes a run's numbers; molere.py is the method.
+
+    python molere_cli.py --help          # the same as python molere.py --help
+"""
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
+                    load_data, margins, meta_input, per_class_topk, predict, rng_state, train)
+from report import report_table
+from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, make_writable_folder,
+                       read_checkpoint, read_results, run_lock, write_checkpoint)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how runs execute; none of it changes a run's numbers."""
+    device: torch.device = torch.device("cpu")
+    out: str = "runs"
+    resume: bool = False     # continue runs from their checkpoints, skip finished ones
+    compile: bool = False    # torch.compile the classifier's steps, evaluation and the fast meta step
+    eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
+
+# ----------------------------------------------------------------------------- one run: checkpoints, budget, record
+
+
+def checkpoint_path(rt, cfg, method, seed):
+    return os.path.join(rt.out, f"{cfg.dataset}-{method}-seed{seed}.pt")
+
+
+def save_checkpoint(run, path, cfg):
+    """Everything a run owns, as tensors, numbers, strings, lists and dicts only (readable with
+    torch.load(weights_only=True)), written crash-safe (molere_io.write_checkpoint)."""
+    ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
+    ckpt.update(config=cfg.as_dict(), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
+                elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)))
+    write_checkpoint(path, ckpt)
+
+
+def restore(run, ckpt):
+    for k in Run.STATE:
+        getattr(run, k).load_state_dict(ckpt[k])
+    run.epoch, run.step, run.elapsed, run.log = ckpt["epoch"], ckpt["step"], ckpt["elapsed"], ckpt["log"]
+    run.val_mask = ckpt["val_mask"].to(run.device)
+    torch.set_rng_state(ckpt["rng"][0])
+    if ckpt["rng"][1] is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][1], run.device)
+
+
+class StopAfter(Exception):
+    """--stop-after reached: the checkpoint is written; --resume continues."""
+
+
+class EpochBudget:
+    """How many more epochs this invocation may train (--stop-after; None: no limit)."""
+
+    def __init__(self, epochs=None):
+        self.left = epochs or None
+
+    def spend(self):
+        if self.left is not None:
+            self.left -= 1
+            if self.left <= 0:
+                raise StopAfter
+
+
+def fit(cfg, rt, method, seed, data, val_mask, budget=None):
+    """Train one (method, seed) to the end with molere.train, from its checkpoint where --resume
+    finds one, else from `val_mask` (molere.initial_split); after every epoch the test accuracy
+    (every --eval-every epochs and at the end), a checkpoint, a progress line and the budget.
+    Returns the run and its result record."""
+    path, tag = checkpoint_path(rt, cfg, method, seed), f"[{method} seed {seed}]"
+    run = Run(cfg, method, seed, data, rt.device, rt.compile)
+    if rt.resume and has_checkpoint(path):
+        restore(run, read_checkpoint(path, cfg.as_dict()))
+        print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
+    else:
+        run.val_mask = val_mask
+    last = dict(start=time.time(), test=None)
+
+    def on_epoch(run, entry):
+        if run.epoch == cfg.epochs or (rt.eval_every and run.epoch % rt.eval_every == 0):
+            last["test"], _ = predict(run.fwd, data, data.x_test)
+            entry["test_acc"] = accuracy(last["test"], data.y_test)
+        run.elapsed += time.time() - last["start"]
+        entry["time_s"] = round(time.time() - last["start"], 2)
+        run.log.append(entry)
+        save_checkpoint(run, path, cfg)
+        print(progress_line(tag, entry, run, cfg.epochs), flush=True)
+        if budget is not None:
+            budget.spend()
+        last["start"] = time.time()
+
+    train(run, data, cfg, on_epoch)
+    if last["test"] is None:  # resumed from a checkpoint of the last epoch
+        last["test"], _ = predict(run.fwd, data, data.x_test)
+    return run, result_record(run, data, cfg, rt, last["test"])
+
+
+def result_record(run, data, cfg, rt, test_logits):
+    """One finished run: config, log, test accuracy and margins, and on S (eval mode) the fit,
+    margins and learned weights that the analysis reads."""
+    train_logits, h = predict(run.fwd, data, data.x)  # the regime check: how well S is fitted
+    rounded = lambda t: [round(v, 4) for v in t.tolist()]
+    with torch.no_grad():  # L2RW has no weight for an image outside a batch
+        weights = rounded(instance_weights(run.meta, meta_input(run, h, train_logits, data.y), data.y, "none")) \
+            if run.spec.weights in ("features", "loss") else None
+    fits = {}
+    if data.noisy is not None:  # the regime check under noise: does the model memorise the flipped labels?
+        right = train_logits.argmax(1) == data.y
+        fits = dict(fit_flipped=float(right[data.noisy].float().mean()), fit_clean=float(right[~data.noisy].float().mean()))
+    return dict(
+        method=run.method, seed=run.seed, dataset=cfg.dataset, config_hash=cfg.hash(), config=cfg.as_dict(),
+        test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
+        train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
+        train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
+        noisy=(data.y != data.y_true).nonzero().squeeze(1).tolist(),
+        val_size=int(run.val_mask.sum()), **fits, log=run.log, wall_time_s=round(run.elapsed, 1),
+        device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def progress_line(tag, e, run, epochs):
+    eta = run.elapsed / run.epoch * (epochs - run.epoch)
+    parts = [f"{tag} epoch {e['epoch']}/{epochs}", f"lr {e['lr']:.4g}", f"loss {e['loss']:.3f}"]
+    if run.reweights:
+        parts += [f"w {e['w_mean']:.2f} spread {e['w_spread']:.2f} corr(w,l) {e['w_loss_corr']:+.2f}",
+                  f"val-loss {e['val_loss']:.3f}", f"val n={int(run.val_mask.sum())}"]
+    if "w_auc" in e or "w_sat" in e or "w_zero" in e:
+        parts.append(" ".join(f"{k} {e[k]:.2f}" for k in ("w_sat", "w_zero", "w_auc") if k in e))
+    if "fit_flipped" in e:
+        parts.append(f"fits flipped {e['fit_flipped']:.0%} clean {e['fit_clean']:.0%}")
+    if "split_fit" in e:
+        parts.append(f"splitter fit {e['split_fit']:.3f} l_val {e['split_l_val']:.3f} "
+                     f"R_size {e['split_r_size']:.4f} R_bal {e['split_r_bal']:.4f}")
+    if "val_err" in e:  # a re-split: the classifier's error on the new S_val and S_tr (details in the log)
+        parts.append(f"new split: err val {e['val_err']:.1%} train {e['train_err']:.1%}, kept {e['split_kept']:.0%}")
+    if "test_acc" in e:
+        parts.append(f"test {e['test_acc']:.2f}%")
+    h, rest = divmod(int(eta), 3600)
+    parts.append(f"{e['time_s']:.1f}s ETA {h}:{rest // 60:02d}:{rest % 60:02d}")
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for flags that take a value; an on/off flag's help says it in words."""
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="MOLERE / LRW reproduction (CVPR 2024). Defaults: the paper's CIFAR-100 "
+                    "WRN-28-10 setting with the standard recipe.",
+        formatter_class=Help)
+    a = p.add_argument
+    a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
+      "mwn | l2rw (baselines) | all, or a comma list (all: every method but the baselines; ERM once per seed, reused for the "
+      "train-twice margins)")
+    a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
+    a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
+    a("--no-download", action="store_true", help="never try to download missing CIFAR files (without this flag: try torchvision's MD5-checked download)")
+    for f in fields(Config):  # what defines a run's numbers: one flag per Config field
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # default on: the flag turns it off
+            a("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+              help=f"turn off: {f.metadata['help']} (on without this flag)")
+        elif isinstance(f.default, tuple):
+            a(flag, type=float, nargs="+", default=list(f.default), help=f.metadata["help"])
+        else:
+            a(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--compile", action="store_true", help="torch.compile the classifier's plain steps, evaluation and the fast "
+      "meta step's look-ahead and JVP (dropout masks still replayed; eager, with one line, where compile fails)")
+    a("--out", default="runs", help="folder for checkpoints and results.jsonl")
+    a("--resume", action="store_true", help="continue runs from their checkpoints and skip finished ones (without "
+      "this flag an existing checkpoint stops the command)")
+    a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
+    a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--report", action="store_true", help="only print the results table of this config from OUT, train nothing")
+    p.error = lambda msg: fail(msg)  # one clear line, not a usage dump
+    return p
+
+
+def fail(msg):
+    print(f"molere.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def plan_of(method):
+    """--method all (the paper's methods and the control), one method, or a comma list."""
+    return list(ALL) if method == "all" else [m for m in METHODS if m in method.split(",")]
+
+
+def check_plan(cfg, rt, plan, seeds, data):
+    """What only the whole plan can tell: split sizes and existing checkpoints, before any step."""
+    n = len(data.y)
+    val = int(per_class_topk(torch.zeros(n, device=data.y.device), data.y, cfg.delta, data.classes).sum())
+    needs_split = any(m != "erm" for m in plan)
+    if cfg.batch_size > (min(val, n - val) if needs_split else n):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than a split (train {n - val if needs_split else n}"
+                          f"{f', validation {val}' if needs_split else ''} of {n} images): lower it or raise --delta")
+    for seed in seeds:
+        for m in plan:
+            path = checkpoint_path(rt, cfg, m, seed)
+            if has_checkpoint(path):
+                if not rt.resume:
+                    raise UserError(f"{path} exists: pass --resume to continue it, or use another --out")
+                read_checkpoint(path, cfg.as_dict())
+
+
+def finished_erm(cfg, rt, seed, data, budget):
+    """The ERM model of this config and seed, for the train-twice margins (trained if needed),
+    and its result record if it was trained here."""
+    path = checkpoint_path(rt, cfg, "erm", seed)
+    with run_lock(path, wait=f"[erm seed {seed}] waiting for another process that trains it ({path}.lock)"):
+        if has_checkpoint(path):
+            ckpt = read_checkpoint(path, cfg.as_dict())
+            if ckpt["epoch"] == cfg.epochs:
+                run = Run(cfg, "erm", seed, data, rt.device)
+                run.model.load_state_dict(ckpt["model"])
+                return run.model, None
+        run, result = fit(cfg, replace(rt, resume=True), "erm", seed, data,  # continue a partial one
+                          initial_split("erm", data, cfg.delta, seed), budget)
+        return run.model, result
+
+
+def run_plan(cfg, rt, plan, seeds, data, budget):
+    """Every (method, seed) of the plan, finished runs skipped; each seed's ERM model reused for
+    the train-twice margins; a lock per run, so that a plan launched twice trains each run once."""
+    results_path = os.path.join(rt.out, "results.jsonl")
+    done = {(r["method"], r["seed"]) for r in read_results(results_path, cfg.hash())} if rt.resume else set()
+    for seed in seeds:
+        erm_model = None
+        for method in plan:
+            if (method, seed) in done:
+                print(f"[{method} seed {seed}] finished earlier, result in {results_path}")
+                continue
+            if method in NEEDS_ERM and erm_model is None:
+                erm_model, result = finished_erm(cfg, rt, seed, data, budget)
+                if result is not None and ("erm", seed) not in done:
+                    append_result(results_path, result)
+                    done.add(("erm", seed))
+            val_mask = initial_split(method, data, cfg.delta, seed, erm_model)
+            path = checkpoint_path(rt, cfg, method, seed)
+            with run_lock(path) as mine:
+                busy = not mine or (method, seed) in {(r["method"], r["seed"]) for r in
+                                                      read_results(results_path, cfg.hash())}
+                if busy or (has_checkpoint(path) and not rt.resume):
+                    print(f"[{method} seed {seed}] trained by another process{' (finished)' if busy and mine else ''};"
+                          f" skipped here, rerun with --resume to continue or report it", flush=True)
+                    continue
+                run, result = fit(cfg, rt, method, seed, data, val_mask, budget)
+                append_result(results_path, result)
+            if method == "erm":
+                erm_model = run.model
+            done.add((method, seed))
+            print(f"[{method} seed {seed}] test accuracy {result['test_acc']:.2f}% "
+                  f"({result['wall_time_s']:.0f}s)", flush=True)
+
+
+def setup(argv=None):
+    """Everything checked before any work: the flags (Config), then the data, the split sizes,
+    existing checkpoints and --out. Returns (args, cfg, rt, data); bad input ends in one line."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+        unknown = [m for m in args.method.split(",") if m not in [*METHODS, "all"]]
+        if unknown or ("all" in args.method.split(",") and args.method != "all"):
+            raise ConfigError(f"unknown --method {args.method!r}: choose from {', '.join([*METHODS, 'all'])}, "
+                              f"or a comma list of methods")
+        if cfg.meta_set != "split" and set(NEEDS_ERM) & set(plan_of(args.method)):
+            raise ConfigError(f"--meta-set {cfg.meta_set} fixes S_val, so LRW-Easy and LRW-Hard have no split to "
+                              f"choose: run erm,erm-tr,lrw-random,mwn,l2rw,molere")
+        if min(args.seeds) < 0:
+            raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
+        if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+        if any(METHODS[m].split == "splitter" for m in plan_of(args.method)) and cfg.warmup_epochs >= cfg.epochs:
+            raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves MOLERE no epoch on the splitter's "
+                              f"split (--epochs {cfg.epochs}): lower it")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device} asked for, but torch sees no CUDA device")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device if args.device != "auto" else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
+        if args.report:
+            return args, cfg, rt, None
+        data = load_data(cfg, device, args.data_root, not args.no_download)
+        check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
+        make_writable_folder(rt.out, "--out")
+    except UserError as e:
+        fail(str(e))
+    return args, cfg, rt, data
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # `kill` (SIGTERM) ends a run like Ctrl-C: checkpoints kept, one message
+
+
+def main(argv=None, handle_sigterm=False):
+    args, cfg, rt, data = setup(argv)
+    results_path = os.path.join(rt.out, "results.jsonl")
+    if args.report:
+        print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
+        return
+    if handle_sigterm:
+        signal.signal(signal.SIGTERM, interrupt)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
+          f"WRN-{cfg.depth}-{cfg.width} on {device_name(rt.device)}; config {cfg.hash()}; "
+          f"results -> {results_path}", flush=True)
+    try:
+        run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after))
+    except UserError as e:
+        fail(str(e))
+    except StopAfter:
+        print(f"stopped after {args.stop_after} epoch(s) (--stop-after); continue with --resume", flush=True)
+        return
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every finished epoch is checkpointed in {rt.out}; "
+              f"rerun the same command with --resume to continue", file=sys.stderr)
+        sys.exit(130)
+    print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
+
+
+if __name__ == "__main__":
+    main(handle_sigterm=True)
