@@ -167,11 +167,12 @@ def build_parser():
         formatter_class=Help)
     a = p.add_argument
     a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
-      "mwn | l2rw (baselines) | all, or a comma list (all: every method but the baselines; ERM once per seed, reused for the "
-      "train-twice margins)")
+      "mwn | l2rw (baselines) | all, or a comma list (all: every method but the baselines; ERM once per seed, "
+      "reused for the train-twice margins)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    a("--no-download", action="store_true", help="never try to download missing CIFAR files (without this flag: try torchvision's MD5-checked download)")
+    a("--no-download", action="store_true", help="never try to download missing CIFAR files (without this flag: "
+      "try torchvision's MD5-checked download)")
     for f in fields(Config):  # what defines a run's numbers: one flag per Config field
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # default on: the flag turns it off
