@@ -347,25 +347,21 @@ def figures(rows, gains, curves, folder):
 
     if any("w_auc" in e for r in rows for e in r["log"]):  # SPEC section 8: does the meta level learn?
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-        for m in molere.METHODS:
-            rs = [r for r in rows if r["method"] == m]
-            if not rs:
-                continue
-            epochs = [e["epoch"] for e in rs[0]["log"]]
-            mean = lambda key: [statistics.mean(r["log"][i][key] for r in rs) for i in range(len(epochs))]
-            if "w_auc" in rs[0]["log"][0]:
-                axes[0].plot(epochs, mean("w_auc"), label=report.method_label(m))
-                sat = "w_zero" if "w_zero" in rs[0]["log"][0] else "w_sat"
-                axes[1].plot(epochs, mean(sat), label=report.method_label(m) + (" (share w = 0)" if sat == "w_zero" else ""))
-            axes[2].plot(epochs, mean("fit_flipped"), label=report.method_label(m))
+        for i, m in enumerate(molere.METHODS):  # one colour per method, one line per seed (seeds can disagree)
+            for k, r in enumerate(sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])):
+                log, style = r["log"], dict(color=f"C{i}", lw=1, label=report.method_label(m) if k == 0 else None)
+                epochs = [e["epoch"] for e in log]
+                if "w_auc" in log[0]:
+                    axes[0].plot(epochs, [e["w_auc"] for e in log], **style)
+                    axes[1].plot(epochs, [e.get("w_sat", e.get("w_zero")) for e in log], **style)
+                axes[2].plot(epochs, [e["fit_flipped"] for e in log], **style)
         axes[0].axhline(0.5, color="k", lw=0.8)
         axes[0].set_ylabel("AUC of weights, clean above flipped")
-        axes[1].set_ylabel("saturated weights (<0.05 or >0.95)")
-        axes[2].set_ylabel("flipped labels fitted (train mode, in the epoch)")
+        axes[1].set_ylabel("saturated weights (<0.05 or >0.95);\nL2RW: share of w = 0")
+        axes[2].set_ylabel("flipped labels fitted (train mode)")
         for ax in axes:
-            ax.set_xlabel("epoch")
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
+            ax.set_xlabel("epoch (one line per seed)")
+        axes[2].legend(fontsize=7)
         save(fig, "meta_level.png")
 
     if any("test_acc" in e for r in rows for e in r["log"][:-1]):
