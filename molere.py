@@ -113,7 +113,8 @@ class Config:
     delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
     K: int = knob(5, "meta-network and splitter update every K classifier steps")
     meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
-    weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net) | none (the paper's literal sum)")
+    weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's class-imbalance code) | "
+                                       "none (the paper's literal sum; MW-Net's noisy-label script)")
     meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
     hidden: int = knob(100, "hidden units of the meta-network and the splitter")
