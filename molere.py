@@ -21,13 +21,11 @@ report.py, the fused weighted cross-entropy in kernels/. Equation -> function: R
 "Where each equation lives".
 """
 import contextlib
-import hashlib
-import json
 import math
 import sys
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -94,7 +92,8 @@ def _number(text):
 class Config:
     """Everything that defines a run's numbers, and nothing else (where and how a run executes
     is apart, in molere_cli.Runtime). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
-    standard recipe. Stored with every checkpoint and result; every field is a CLI flag."""
+    standard recipe. Stored with every checkpoint and result (molere_cli.config_record); every
+    field is a CLI flag."""
     dataset: str = knob("cifar100", "synthetic | cifar10 | cifar100 | packed (the CIFAR-10 subset that "
                                     "tools/pack.py writes to --data-root, for a GPU machine)")
     train_subset: int = knob(0, "train on a fixed class-balanced subset of this many images (0: all of S)")
@@ -179,17 +178,6 @@ class Config:
              f"--meta-set must be split or clean:N with N >= 1, got {self.meta_set!r}"),
         ]
         return next((message for ok, message in checks if not ok), None)
-
-    LATER = ("arch", "imbalance", "noise", "meta_set")  # added after results were recorded
-
-    def as_dict(self):
-        """What a checkpoint or result line holds, and what identifies a run. Fields added later
-        are left out while at their defaults, so earlier records and checkpoints still match."""
-        d = json.loads(json.dumps(asdict(self)))
-        return {k: v for k, v in d.items() if k not in self.LATER or v != Config.__dataclass_fields__[k].default}
-
-    def hash(self):
-        return hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- data

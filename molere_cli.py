@@ -6,11 +6,13 @@ None of it changes a run's numbers; molere.py is the method.
     python molere_cli.py --help          # the same as python molere.py --help
 """
 import argparse
+import hashlib
+import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -30,6 +32,20 @@ class Runtime:
     compile: bool = False    # torch.compile the classifier's steps, evaluation and the fast meta step
     eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
 
+# Config fields added after results were recorded: left out of a run's identity while at their
+# defaults, so earlier records and checkpoints still match.
+LATER = ("arch", "imbalance", "noise", "meta_set")
+
+
+def config_record(cfg):
+    """What a checkpoint or result line holds of the Config, and what identifies a run."""
+    d = json.loads(json.dumps(asdict(cfg)))
+    return {k: v for k, v in d.items() if k not in LATER or v != Config.__dataclass_fields__[k].default}
+
+
+def config_hash(cfg):
+    return hashlib.sha1(json.dumps(config_record(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
 # ----------------------------------------------------------------------------- one run: checkpoints, budget, record
 
 
@@ -41,7 +57,7 @@ def save_checkpoint(run, path, cfg):
     """Everything a run owns, as tensors, numbers, strings, lists and dicts only (readable with
     torch.load(weights_only=True)), written crash-safe (molere_io.write_checkpoint)."""
     ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
-    ckpt.update(config=cfg.as_dict(), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
+    ckpt.update(config=config_record(cfg), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
                 elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)))
     write_checkpoint(path, ckpt)
 
@@ -81,7 +97,7 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     path, tag = checkpoint_path(rt, cfg, method, seed), f"[{method} seed {seed}]"
     run = Run(cfg, method, seed, data, rt.device, rt.compile)
     if rt.resume and has_checkpoint(path):
-        restore(run, read_checkpoint(path, cfg.as_dict()))
+        restore(run, read_checkpoint(path, config_record(cfg)))
         print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
     else:
         run.val_mask = val_mask
@@ -119,7 +135,7 @@ def result_record(run, data, cfg, rt, test_logits):
         right = train_logits.argmax(1) == data.y
         fits = dict(fit_flipped=float(right[data.noisy].float().mean()), fit_clean=float(right[~data.noisy].float().mean()))
     return dict(
-        method=run.method, seed=run.seed, dataset=cfg.dataset, config_hash=cfg.hash(), config=cfg.as_dict(),
+        method=run.method, seed=run.seed, dataset=cfg.dataset, config_hash=config_hash(cfg), config=config_record(cfg),
         test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
         train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
         train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
@@ -220,7 +236,7 @@ def check_plan(cfg, rt, plan, seeds, data):
             if has_checkpoint(path):
                 if not rt.resume:
                     raise UserError(f"{path} exists: pass --resume to continue it, or use another --out")
-                read_checkpoint(path, cfg.as_dict())
+                read_checkpoint(path, config_record(cfg))
 
 
 def finished_erm(cfg, rt, seed, data, budget):
@@ -229,7 +245,7 @@ def finished_erm(cfg, rt, seed, data, budget):
     path = checkpoint_path(rt, cfg, "erm", seed)
     with run_lock(path, wait=f"[erm seed {seed}] waiting for another process that trains it ({path}.lock)"):
         if has_checkpoint(path):
-            ckpt = read_checkpoint(path, cfg.as_dict())
+            ckpt = read_checkpoint(path, config_record(cfg))
             if ckpt["epoch"] == cfg.epochs:
                 run = Run(cfg, "erm", seed, data, rt.device)
                 run.model.load_state_dict(ckpt["model"])
@@ -243,7 +259,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
     """Every (method, seed) of the plan, finished runs skipped; each seed's ERM model reused for
     the train-twice margins; a lock per run, so that a plan launched twice trains each run once."""
     results_path = os.path.join(rt.out, "results.jsonl")
-    done = {(r["method"], r["seed"]) for r in read_results(results_path, cfg.hash())} if rt.resume else set()
+    done = {(r["method"], r["seed"]) for r in read_results(results_path, config_hash(cfg))} if rt.resume else set()
     for seed in seeds:
         erm_model = None
         for method in plan:
@@ -259,7 +275,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
             path = checkpoint_path(rt, cfg, method, seed)
             with run_lock(path) as mine:
                 busy = not mine or (method, seed) in {(r["method"], r["seed"]) for r in
-                                                      read_results(results_path, cfg.hash())}
+                                                      read_results(results_path, config_hash(cfg))}
                 if busy or (has_checkpoint(path) and not rt.resume):
                     print(f"[{method} seed {seed}] trained by another process{' (finished)' if busy and mine else ''};"
                           f" skipped here, rerun with --resume to continue or report it", flush=True)
@@ -318,7 +334,7 @@ def main(argv=None, handle_sigterm=False):
     args, cfg, rt, data = setup(argv)
     results_path = os.path.join(rt.out, "results.jsonl")
     if args.report:
-        print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
+        print(report_table(read_results(results_path, config_hash(cfg)), cfg.dataset))
         return
     if handle_sigterm:
         signal.signal(signal.SIGTERM, interrupt)
@@ -326,7 +342,7 @@ def main(argv=None, handle_sigterm=False):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
-          f"WRN-{cfg.depth}-{cfg.width} on {device_name(rt.device)}; config {cfg.hash()}; "
+          f"WRN-{cfg.depth}-{cfg.width} on {device_name(rt.device)}; config {config_hash(cfg)}; "
           f"results -> {results_path}", flush=True)
     try:
         run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after))
@@ -339,7 +355,7 @@ def main(argv=None, handle_sigterm=False):
         print(f"\ninterrupted: every finished epoch is checkpointed in {rt.out}; "
               f"rerun the same command with --resume to continue", file=sys.stderr)
         sys.exit(130)
-    print(report_table(read_results(results_path, cfg.hash()), cfg.dataset))
+    print(report_table(read_results(results_path, config_hash(cfg)), cfg.dataset))
 
 
 if __name__ == "__main__":

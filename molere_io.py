@@ -192,7 +192,7 @@ def run_lock(path, wait=None):
 
 def read_checkpoint(path, config):
     """The checkpoint at `path`, or the previous epoch's (PATH.prev) if that one cannot be read;
-    refused if it was made under another config (`config`: the run's Config.as_dict()).
+    refused if it was made under another config (`config`: molere_cli.config_record of the run's Config).
     Loading never runs code from the file (weights_only=True); a file that would is refused."""
     why = "missing"
     for candidate in (path, path + ".prev"):

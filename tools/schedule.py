@@ -32,7 +32,7 @@ import report
 def jobs_of(args, cfg):
     """(method, seed) runs still to do, in plan order; a seed's ERM added where a train-twice
     run needs it and no finished record exists (as molere.py alone would train it too)."""
-    done = {(r["method"], r["seed"]) for r in molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash())}
+    done = {(r["method"], r["seed"]) for r in molere_io.read_results(os.path.join(args.out, "results.jsonl"), molere_cli.config_hash(cfg))}
     todo = []
     for seed in args.seeds:
         plan = molere_cli.plan_of(args.method)
@@ -114,7 +114,7 @@ def main():
         print(f"\ninterrupted: rerun the same command to continue ({args.out} keeps every finished epoch)",
               file=sys.stderr)
         sys.exit(130)
-    print(report.report_table(molere_io.read_results(os.path.join(args.out, "results.jsonl"), cfg.hash()), cfg.dataset))
+    print(report.report_table(molere_io.read_results(os.path.join(args.out, "results.jsonl"), molere_cli.config_hash(cfg)), cfg.dataset))
     if failed:
         molere_cli.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
