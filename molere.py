@@ -207,9 +207,9 @@ def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled
     return (*sample(n_train, True), *sample(n_test, False), classes)
 
 
-def balanced_subset(y, n, classes):
+def balanced_subset(y, n, classes, seed=0):
     """A fixed class-balanced subset of n indices (same for every seed and method)."""
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     ys = y[perm]
     rank = torch.zeros_like(ys)
     for c in range(classes):

@@ -60,9 +60,8 @@ def probe(argv, steps):
     args, cfg, rt, data = molere_cli.setup(argv)
     method = args.method
     run = molere.Run(cfg, method, 0, data, rt.device)
-    if method != "erm":
-        run.val_mask = data.meta_mask if data.meta_mask is not None and method != "molere" else \
-            molere.random_split(data, cfg.delta, 0)
+    # a margin split needs a finished ERM model; a random split of the same size costs the same
+    run.val_mask = molere.initial_split("lrw-random" if method in molere.NEEDS_ERM else method, data, cfg.delta, 0)
     batches = molere.epoch_batches(run, cfg)
     batches = batches.repeat(math.ceil((steps + 3) / len(batches)), 1)
     molere.train_steps(run, data, cfg, batches[:3])

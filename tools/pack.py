@@ -21,17 +21,17 @@ import numpy as np
 import torch
 
 import molere_io
+from molere import balanced_subset
 
 MAX_BYTES = 55_000_000  # what the GPU call can carry beside the checkout
 
 
 def balanced(y, n, classes, seed):
-    """n indices, n / classes of each class, from a fixed permutation; sorted."""
+    """n indices, n / classes of each class (molere.balanced_subset with its own seed), sorted."""
     if n % classes or n // classes > int(torch.bincount(y, minlength=classes).min()):
         raise molere_io.DataError(f"cannot take {n} images as {classes} equal classes from {len(y)} "
                                   f"(need a multiple of {classes}, at most {classes} x the smallest class)")
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    return torch.cat([perm[y[perm] == c][:n // classes] for c in range(classes)]).sort().values
+    return balanced_subset(y, n, classes, seed)
 
 
 def pack(data_root, out, n_train=12_000, n_test=5_000, seed=0):
