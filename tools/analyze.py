@@ -129,31 +129,53 @@ def checkpoints(epochs):
     return sorted({1, *(max(1, round(epochs * q)) for q in (0.25, 0.5, 0.75)), epochs})
 
 
+def label_fits(r):
+    """(share of flipped, share of clean labels) the final model predicts, eval mode: the record's,
+    or for records made before it was stored, from its training margins (margin > 0 exactly
+    where the prediction is the given label)."""
+    if "fit_flipped" in r:
+        return r["fit_flipped"], r["fit_clean"]
+    m, noisy = torch.tensor(r["train_margins"]), torch.zeros(len(r["train_margins"]), dtype=torch.bool)
+    noisy[r["noisy"]] = True
+    return float((m[noisy] > 0).float().mean()), float((m[~noisy] > 0).float().mean())
+
+
 def meta_level_table(rows):
-    """SPEC section 8, per method and seed: the gain over ERM, the share of flipped and clean
-    labels the final model fits (eval mode), the test accuracy at the evaluations before the
-    last (never used as a result), and by epoch the weights' AUC (clean above flipped) and their
-    saturation (sigmoid weights: share below 0.05 or above 0.95; L2RW: share exactly 0)."""
-    if not any("fit_flipped" in r for r in rows):
+    """SPEC section 8, per method and seed (under --noise): the gain over ERM, the share of
+    flipped and clean labels the final model fits, the share of flipped labels in its final
+    S_val, the test accuracy at the evaluations before the last (never used as a result), and
+    by epoch the weights' AUC (clean above flipped) and their saturation (sigmoid weights: share
+    below 0.05 or above 0.95; L2RW: share exactly 0), with the peak of each. Records made before
+    the diagnostics were logged show only the first columns."""
+    if not any(r.get("noisy") for r in rows):
         return None
     erm = {r["seed"]: r["test_acc"] for r in rows if r["method"] == "erm"}
-    epochs = len(rows[0]["log"])
-    at = checkpoints(epochs)
-    head = ["method", "seed", "gain over ERM (pp)", "fits flipped / clean labels (end, %)",
+    at = checkpoints(len(rows[0]["log"]))
+    head = ["method", "seed", "gain over ERM (pp)", "fits flipped / clean labels (end, %)", "flipped in S_val (%)",
             "test acc at earlier evaluations (%)", f"weights' AUC at epochs {', '.join(map(str, at))}",
-            "saturation (or share of w = 0) at the same epochs", "‖Δφ‖ summed over epochs"]
+            "peak AUC (epoch)", "saturation (or share of w = 0) at the same epochs", "peak saturation (epoch)",
+            "‖Δφ‖ summed over epochs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     series = lambda log, key: ", ".join(f"{log[e - 1][key]:.2f}" if key in log[e - 1] else "—" for e in at)
+
+    def peak(log, key):
+        if key not in log[0]:
+            return "—"
+        best = max(log, key=lambda e: e[key])
+        return f"{best[key]:.2f} ({best['epoch']})"
+
     for m in molere.METHODS:
-        for r in sorted((r for r in rows if r["method"] == m and "fit_flipped" in r), key=lambda r: r["seed"]):
-            log = r["log"]
+        for r in sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"]):
+            log, (flipped, clean) = r["log"], label_fits(r)
             sat = "w_zero" if "w_zero" in log[0] else "w_sat"
             earlier = "; ".join(f"epoch {e['epoch']}: {e['test_acc']:.2f}" for e in log[:-1] if "test_acc" in e)
             dphi = f"{sum(e['dphi'] for e in log):.3g}" if "dphi" in log[0] else "—"
             gain = f"{r['test_acc'] - erm[r['seed']]:+.2f}" if m != "erm" and r["seed"] in erm else "—"
-            lines.append(f"| {report.method_label(m)} | {r['seed']} | {gain} | {100 * r['fit_flipped']:.1f} / "
-                         f"{100 * r['fit_clean']:.1f} | {earlier or '—'} | {series(log, 'w_auc')} | "
-                         f"{series(log, sat)} | {dphi} |")
+            val = set(r["val_mask"])
+            in_val = f"{100 * len(val & set(r['noisy'])) / len(val):.1f}" if val else "—"
+            lines.append(f"| {report.method_label(m)} | {r['seed']} | {gain} | {100 * flipped:.1f} / {100 * clean:.1f} | "
+                         f"{in_val} | {earlier or '—'} | {series(log, 'w_auc')} | {peak(log, 'w_auc')} | "
+                         f"{series(log, sat)} | {peak(log, sat)} | {dphi} |")
     return "\n".join(lines)
 
 
@@ -271,7 +293,7 @@ def noise_table(weights):
              "|---|---|---|---|---|"]
     for m, entries in weights.items():
         for seed, clean, noisy in entries:  # AUC = P(w of a clean image > w of a noisy one), ties half
-            auc = (clean[:, None] > noisy[None, :]).float().mean() + 0.5 * (clean[:, None] == noisy[None, :]).float().mean()
+            auc = molere.auc(clean, noisy)
             lines.append(f"| {report.method_label(m)} | {seed} | {clean.mean():.3f} | {noisy.mean():.3f} | {auc:.3f} |")
     return "\n".join(lines)
 
