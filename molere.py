@@ -706,28 +706,41 @@ class Run:
         return self.spec.reweights
 
 
+def forward_batch(run, data, cfg, idx, keep_rng):
+    """The batch S_tr[idx] (augmented) through the classifier. With `keep_rng` the eager model
+    runs and the RNG state before it is returned, so a JVP can replay its dropout masks exactly."""
+    x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
+    rng = rng_state(run.device) if keep_rng else None
+    with autocast(run.device):
+        logits, h = (run.model if keep_rng else run.fwd)(x)
+    return x, y, rng, logits, h
+
+
+def weighted_backward(run, logits, y, w_tilde, w, stats):
+    """G = grad_theta mean_i w~_i l_i through the fused kernel, left in p.grad (the optimizer
+    applies it after any meta step, which needs theta and G as they are); the batch's statistics
+    logged from the raw weights w. Returns which labels the batch fits, for the diagnostics."""
+    loss, losses = weighted_cross_entropy(logits, y, w_tilde, return_losses=True)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    batch_stats(stats, run, w, losses)
+    return logits.detach().argmax(1) == y
+
+
 def classifier_step(run, data, cfg, idx, stats, meta_next=False):
     """SPEC section 1, inner level: G = grad_theta mean_i w~_i l_i on the batch S_tr[idx], with
-    w~_i from g_phi(x_i, y_i) detached (ERM: w~_i = 1), through the fused kernel; G is left in
-    p.grad. The optimizer applies it after the meta step, which needs theta and G as they are.
-    With `meta_next` the eager model runs and the RNG state is kept, so the meta step's JVP
-    replays this forward's dropout masks exactly. Returns the batch, what the meta step needs,
-    and for the epoch's diagnostics the raw weights w and which labels the batch fits."""
-    x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
-    rng = rng_state(run.device) if meta_next else None
-    with autocast(run.device):
-        logits, h = (run.model if meta_next else run.fwd)(x)
+    w~_i from g_phi(x_i, y_i) detached (ERM: w~_i = 1). With `meta_next` the meta step's JVP can
+    replay this forward's dropout masks. Returns the batch, what the meta step needs, and for the
+    epoch's diagnostics the raw weights w and which labels the batch fits."""
+    x, y, rng, logits, h = forward_batch(run, data, cfg, idx, keep_rng=meta_next)
     h = meta_input(run, h.detach(), logits, y)
     if not run.reweights:
         w = torch.ones(len(y), device=run.device)
     else:
         with torch.no_grad():
             w = instance_weights(run.meta, h, y, "none")
-    loss, losses = weighted_cross_entropy(logits, y, normalised(w, cfg.weight_norm), return_losses=True)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    batch_stats(stats, run, w, losses)
-    return x, y, h, rng, w, logits.detach().argmax(1) == y
+    fit = weighted_backward(run, logits, y, normalised(w, cfg.weight_norm), w, stats)
+    return x, y, h, rng, w, fit
 
 
 def batch_stats(stats, run, w, losses):
@@ -765,24 +778,18 @@ def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
 
 
 def l2rw_step(run, data, cfg, idx, val_idx, stats):
-    """SPEC section 8, L2RW: this batch's weights from the validation batch (`l2rw_weights`, the
+    """SPEC section 8, L2RW: this batch's weights from a validation batch (`l2rw_weights`, the
     JVP replaying this forward's dropout masks), then G = grad_theta sum_i w_i l_i left in p.grad.
     Returns whether the batch has any weight (an all-zero batch makes no update), w~ = B w and
     which labels the batch fits."""
-    x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
-    rng = rng_state(run.device)
-    with autocast(run.device):
-        logits, _ = run.model(x)
+    x, y, rng, logits, _ = forward_batch(run, data, cfg, idx, keep_rng=True)
     xv, yv = validation_batch(run, data, cfg, val_idx)
     with autocast(run.device):
         loss_val, w = l2rw_weights(run.model, x, y, xv, yv, run.opt.param_groups[0]["lr"], rng, run.compiled)
     w = w * len(y)  # w~ with mean 1: mean_i w~_i l_i = sum_i w_i l_i
-    loss, losses = weighted_cross_entropy(logits, y, w, return_losses=True)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    batch_stats(stats, run, w, losses)
+    fit = weighted_backward(run, logits, y, w, w, stats)
     stats["val_loss"].append(loss_val.float())
-    return bool(w.sum() > 0), w, logits.detach().argmax(1) == y  # one host sync a step: a baseline's price
+    return bool(w.sum() > 0), w, fit  # one host sync a step: a baseline's price
 
 
 def splitter_step(run, data, cfg, stats, val_idx):

@@ -798,19 +798,24 @@ def test_fields_added_later_keep_earlier_configs_identity():
 
 
 def test_a_plan_launched_twice_trains_each_run_once(tmp_path):
-    """Two processes on the same plan and --out at once (a plan launched twice by mistake): each
-    run is trained by one of them (a lock per run), one record each, no traceback; the other
-    process says so in one line per run it skipped."""
+    """Two processes on the same plan and --out at once (a plan launched twice by mistake; with
+    --resume, as every reproduce.sh command passes): each run is trained by exactly one of them
+    (a lock per run), one record each, no traceback; the other process accounts for it in one
+    line, as skipped (being or been trained by the other) or finished earlier, whatever the
+    timing of the two."""
     cmd = [sys.executable, "molere.py", "--dataset", "synthetic", "--train-subset", "200", "--method",
            "erm,lrw-random,mwn", "--epochs", "2", "--seeds", "0", "--device", "cpu", "--threads", "1",
-           "--out", str(tmp_path)] + TINY
+           "--out", str(tmp_path), "--resume"] + TINY
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert not any("Traceback" in err for _, err in outs), outs
     rows = molere_io.read_results(str(tmp_path / "results.jsonl"))
     assert sorted(r["method"] for r in rows) == ["erm", "lrw-random", "mwn"]  # each once
-    skipped = sum(out.count("skipped here") for out, _ in outs)
-    trained = sum(out.count("] test accuracy") for out, _ in outs)
-    assert trained == 3 and skipped == 3  # every run trained by one process and skipped by the other
+    for method in ("erm", "lrw-random", "mwn"):
+        tag = f"[{method} seed 0] "
+        trained = [out.count(tag + "test accuracy") for out, _ in outs]
+        accounted = [out.count(tag + "trained by another process") + out.count(tag + "finished earlier")
+                     for out, _ in outs]
+        assert sorted(trained) == [0, 1] and [t + a for t, a in zip(trained, accounted)] == [1, 1], (method, outs)
     assert not list(tmp_path.glob("*.tmp*"))

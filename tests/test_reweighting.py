@@ -1,6 +1,7 @@
 """SPEC sections 7 and 8: the per-sample meta-gradient g (the core every look-ahead reweighting
 method is built on), L2RW's weights, Meta-Weight-Net's optimizer and the meta-level diagnostics,
 each against an independent reference (finite differences, create_graph, pairwise counts)."""
+import contextlib
 import copy
 import math
 import os
@@ -18,6 +19,19 @@ from test_molere import ROOT, TINY, SmoothNet, fresh_seed, run_main, small_run
 def batches(classes=5, n=12, dtype=torch.float64):
     x, xv = torch.randn(n, 3, 8, 8, dtype=dtype), torch.randn(n, 3, 8, 8, dtype=dtype)
     return x, torch.randint(0, classes, (n,)), xv, torch.randint(0, classes, (n,))
+
+
+def lookahead_reference(model, weigh, x, y, xv, yv, alpha, rng=None):
+    """The look-ahead written out with create_graph, the independent reference of every test
+    here: (L_val(theta'), G) with theta' = theta - alpha G, G = grad_theta mean_i w~_i l_i(theta),
+    w~ = weigh(l) any differentiable weighting, the training forward under the masks of `rng`,
+    BatchNorm statistics on copies."""
+    params = dict(model.named_parameters())
+    with molere.replay_rng(rng, x.device) if rng is not None else contextlib.nullcontext():
+        losses = molere.per_sample_losses(model, params, x, y)
+    inner = torch.autograd.grad((weigh(losses) * losses).mean(), list(params.values()), create_graph=True)
+    theta1 = {n: p - alpha * d for (n, p), d in zip(params.items(), inner)}
+    return molere.per_sample_losses(model, theta1, xv, yv).mean(), inner
 
 
 def grads_at(model, x, y, w, rng):
@@ -43,10 +57,8 @@ def test_weight_grad_reference_matches_finite_differences_in_float64():
         at = lambda s: molere.weight_grad_reference(model, x, y, w + s * eps * direction, xv, yv, alpha, rng)[0].item()
         numeric = (at(1) - at(-1)) / (2 * eps)
         assert math.isclose(analytic, numeric, rel_tol=1e-6, abs_tol=1e-10), (eps, analytic, numeric)
-    assert loss_val.item() == pytest.approx(F.cross_entropy(
-        torch.func.functional_call(model, {**{n: p - alpha * d for (n, p), d in zip(
-            model.named_parameters(), grads_at(model, x, y, w, rng))}, **molere.cloned_buffers(model)}, (xv,))[0], yv).item(),
-        rel=1e-12)  # and L_val is the loss at theta' = theta - alpha G
+    ref_val, _ = lookahead_reference(model, lambda losses: w, x, y, xv, yv, alpha, rng)
+    assert loss_val.item() == pytest.approx(ref_val.item(), rel=1e-12)  # and L_val is the loss at theta'
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -83,12 +95,8 @@ def test_meta_gradient_is_the_chain_rule_through_g():
     w_tilde = weigh()
     _, g = molere.weight_grad_fast(model, x, y, grads_at(model, x, y, w_tilde.detach(), rng), xv, yv, 0.3, rng)
     got = torch.autograd.grad(w_tilde, phi, grad_outputs=g)[0]
-    params = dict(model.named_parameters())  # the reference: create_graph all the way to phi
-    with molere.replay_rng(rng, x.device):
-        losses = molere.per_sample_losses(model, params, x, y)
-    inner = torch.autograd.grad((weigh() * losses).mean(), list(params.values()), create_graph=True)
-    theta1 = {n: p - 0.3 * d for (n, p), d in zip(params.items(), inner)}
-    ref = torch.autograd.grad(molere.per_sample_losses(model, theta1, xv, yv).mean(), phi)[0]
+    ref_val, _ = lookahead_reference(model, lambda losses: weigh(), x, y, xv, yv, 0.3, rng)
+    ref = torch.autograd.grad(ref_val, phi)[0]  # create_graph all the way to phi
     assert ref.abs().sum() > 1e-8
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-13)
 
@@ -104,12 +112,7 @@ def test_l2rw_weights_equal_a_direct_create_graph_implementation():
     loss_val, w = molere.l2rw_weights(model, x, y, xv, yv, 0.1, rng)
     torch.set_rng_state(state)
     eps = torch.zeros(len(y), dtype=torch.float64, requires_grad=True)
-    params = dict(model.named_parameters())
-    with molere.replay_rng(rng, x.device):
-        losses = molere.per_sample_losses(model, params, x, y)
-    inner = torch.autograd.grad((eps * losses).mean(), list(params.values()), create_graph=True)
-    theta1 = {n: p - 0.1 * d for (n, p), d in zip(params.items(), inner)}
-    ref_val = molere.per_sample_losses(model, theta1, xv, yv).mean()
+    ref_val, _ = lookahead_reference(model, lambda losses: eps, x, y, xv, yv, 0.1, rng)
     ref = torch.relu(-torch.autograd.grad(ref_val, eps)[0])
     ref = ref / ref.sum()
     assert loss_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
@@ -204,13 +207,8 @@ def test_readme_example_runs_and_its_meta_step_is_exact_on_a_torchvision_resnet1
     y, yv = torch.randint(0, 4, (8,)), torch.randint(0, 4, (8,))
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     phi = [p.detach().clone() for p in weigh.parameters()]
-    # the reference: create_graph through theta' = theta - alpha grad mean w~(phi) l, then to phi
-    ref_model = copy.deepcopy(model)
-    theta = dict(ref_model.named_parameters())
-    losses = molere.per_sample_losses(ref_model, theta, x, y)
-    inner = torch.autograd.grad((weigh(losses) * losses).mean(), list(theta.values()), create_graph=True)
-    theta1 = {n: p - 0.1 * d for (n, p), d in zip(theta.items(), inner)}
-    ref = torch.autograd.grad(molere.per_sample_losses(ref_model, theta1, xv, yv).mean(), list(weigh.parameters()))
+    ref_val, inner = lookahead_reference(copy.deepcopy(model), weigh, x, y, xv, yv, 0.1)  # the example changes model
+    ref = torch.autograd.grad(ref_val, list(weigh.parameters()))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ex["reweighted_step"](model, opt, weigh, torch.optim.SGD(weigh.parameters(), lr=1.0), x, y, xv, yv)
     for p, before, r in zip(weigh.parameters(), phi, ref):
