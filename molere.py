@@ -831,14 +831,16 @@ def epoch_batches(run, cfg):
 def train_steps(run, data, cfg, batches):
     """One classifier step per batch; every K-th step of LRW and MOLERE (every step of MW-Net and
     L2RW) also updates phi, and for MOLERE Theta. Returns the per-step statistics averaged, by
-    name, and the epoch's meta-level diagnostics (`epoch_diagnostics`)."""
+    name, and what the batches saw, for the frame's meta-level diagnostics (SPEC section 8):
+    each image's raw weight w and whether its label was fitted (train mode, before its step;
+    each S_tr image once an epoch), and phi at the start."""
     val_idx = run.val_mask.nonzero().squeeze(1)
     stats = defaultdict(list)
     run.model.train()
     K = 1 if run.spec.every_step else cfg.K
-    w_seen = torch.full((len(data.y),), float("nan"), device=run.device)  # each S_tr image once an epoch
-    fits = torch.zeros(len(data.y), dtype=torch.bool, device=run.device)
-    phi0 = torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone()
+    seen = dict(w=torch.full((len(data.y),), float("nan"), device=run.device),
+                fit=torch.zeros(len(data.y), dtype=torch.bool, device=run.device),
+                phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone())
     for idx in batches:
         update = True
         if run.spec.weights == "l2rw":
@@ -852,44 +854,10 @@ def train_steps(run, data, cfg, batches):
                     splitter_step(run, data, cfg, stats, val_idx)
         if update:
             run.opt.step()
-        w_seen[idx], fits[idx] = w.float(), fit
+        seen["w"][idx], seen["fit"][idx] = w.float(), fit
         run.step += 1
     means = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist()  # one host sync
-    return dict(zip(stats, means), steps=len(batches), **epoch_diagnostics(run, data, w_seen, fits, phi0))
-
-
-def auc(pos, neg):
-    """P(a random `pos` value > a random `neg` value), ties counted half (Mann-Whitney U / n m)."""
-    neg = neg.sort().values
-    below = torch.searchsorted(neg, pos, right=False).double()
-    ties = torch.searchsorted(neg, pos, right=True).double() - below
-    return (below + 0.5 * ties).sum() / (len(pos) * len(neg))
-
-
-def epoch_diagnostics(run, data, w, fits, phi0):
-    """SPEC section 8: does the meta level learn? Over the epoch's training images (each seen
-    once, its weight as its batch gave it, the label fit in train mode before the step):
-    w_sat  share of raw sigmoid weights below 0.05 or above 0.95 (saturation)
-    w_zero share of weights exactly 0 (L2RW)
-    w_auc  AUC of the weights, clean images above flipped ones (only under --noise)
-    dphi   the meta-network's parameter change over the epoch, ||phi_end - phi_start||
-    fit_flipped, fit_clean  share of flipped / clean labels the batches predicted (under --noise)"""
-    if not run.reweights and data.noisy is None:
-        return {}
-    seen = ~torch.isnan(w)
-    out = {}
-    if run.reweights:
-        if run.spec.weights == "l2rw":
-            out["w_zero"] = (w[seen] == 0).float().mean()
-        else:
-            out["w_sat"] = ((w[seen] < 0.05) | (w[seen] > 0.95)).float().mean()
-            out["dphi"] = (torch.cat([p.detach().flatten() for p in run.meta.parameters()]) - phi0).norm()
-    if data.noisy is not None:
-        flipped, clean = seen & data.noisy, seen & ~data.noisy
-        if run.reweights and flipped.any() and clean.any():
-            out["w_auc"] = auc(w[clean], w[flipped])
-        out["fit_flipped"], out["fit_clean"] = fits[flipped].float().mean(), fits[clean].float().mean()
-    return dict(zip(out, torch.stack([v.float() for v in out.values()]).tolist()))  # one host sync
+    return dict(zip(stats, means), steps=len(batches)), seen
 
 
 def train_epoch(run, data, cfg):
@@ -945,19 +913,19 @@ def train(run, data, cfg, on_epoch=None):
                       on Theta (`train_steps`); then the lr schedule steps
       MOLERE          after W warm-up epochs on a random split, every R epochs S_val becomes the
                       splitter's hard split (`molere_split`)
-    `on_epoch(run, entry)` receives each epoch's log entry: the frame evaluates, checkpoints and
-    prints there (molere_cli.py)."""
+    `on_epoch(run, entry, seen)` receives each epoch's log entry and what its batches saw
+    (`train_steps`): the frame measures, evaluates, checkpoints and prints there (molere_cli.py)."""
     while run.epoch < cfg.epochs:
         split = {}
         if run.spec.split == "splitter" and run.epoch >= cfg.warmup_epochs and \
                 (run.epoch - cfg.warmup_epochs) % cfg.resplit_every == 0:
             run.val_mask, split = molere_split(run, data, cfg)
         lr = run.opt.param_groups[0]["lr"]
-        stats = train_epoch(run, data, cfg)
+        stats, seen = train_epoch(run, data, cfg)
         run.sched.step()
         run.epoch += 1
         if on_epoch is not None:
-            on_epoch(run, dict(epoch=run.epoch, lr=lr, **stats, **split))
+            on_epoch(run, dict(epoch=run.epoch, lr=lr, **stats, **split), seen)
 
 
 if __name__ == "__main__":  # python molere.py ...: the command line lives in molere_cli.py

@@ -18,7 +18,7 @@ import torch
 
 from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
                     load_data, margins, meta_input, per_class_topk, predict, rng_state, train)
-from report import report_table
+from report import auc, report_table
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, make_writable_folder,
                        read_checkpoint, read_results, run_lock, write_checkpoint)
 
@@ -103,7 +103,8 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
         run.val_mask = val_mask
     last = dict(start=time.time(), test=None)
 
-    def on_epoch(run, entry):
+    def on_epoch(run, entry, seen):
+        entry.update(epoch_diagnostics(run, data, seen))
         if run.epoch == cfg.epochs or (rt.eval_every and run.epoch % rt.eval_every == 0):
             last["test"], _ = predict(run.fwd, data, data.x_test)
             entry["test_acc"] = accuracy(last["test"], data.y_test)
@@ -120,6 +121,34 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     if last["test"] is None:  # resumed from a checkpoint of the last epoch
         last["test"], _ = predict(run.fwd, data, data.x_test)
     return run, result_record(run, data, cfg, rt, last["test"])
+
+
+def epoch_diagnostics(run, data, seen):
+    """SPEC section 8: does the meta level learn? Over the epoch's training images (each seen
+    once, its weight as its batch gave it, the label fit in train mode before the step):
+    w_sat  share of raw sigmoid weights below 0.05 or above 0.95 (saturation)
+    w_zero share of weights exactly 0 (L2RW)
+    w_auc  AUC of the weights, clean images above flipped ones (only under --noise)
+    dphi   the meta-network's parameter change over the epoch, ||phi_end - phi_start||
+    fit_flipped, fit_clean  share of flipped / clean labels the batches predicted (under --noise)"""
+    if not run.reweights and data.noisy is None:
+        return {}
+    w, fits = seen["w"], seen["fit"]
+    batched = ~torch.isnan(w)  # S_tr: the images the epoch's batches held
+    out = {}
+    if run.reweights:
+        if run.spec.weights == "l2rw":
+            out["w_zero"] = (w[batched] == 0).float().mean()
+        else:
+            out["w_sat"] = ((w[batched] < 0.05) | (w[batched] > 0.95)).float().mean()
+            phi = torch.cat([p.detach().flatten() for p in run.meta.parameters()])
+            out["dphi"] = (phi - seen["phi_start"]).norm()
+    if data.noisy is not None:
+        flipped, clean = batched & data.noisy, batched & ~data.noisy
+        if run.reweights and flipped.any() and clean.any():
+            out["w_auc"] = auc(w[clean], w[flipped])
+        out["fit_flipped"], out["fit_clean"] = fits[flipped].float().mean(), fits[clean].float().mean()
+    return dict(zip(out, torch.stack([v.float() for v in out.values()]).tolist()))  # one host sync
 
 
 def result_record(run, data, cfg, rt, test_logits):

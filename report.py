@@ -13,6 +13,14 @@ PAPER_TABLE2 = {"molere": {200: 42.33, 50: 50.77, 10: 63.28, 1: 75.12},
                 "mwn": {200: 40.11, 50: 48.67, 10: 61.32, 1: 74.23}}
 
 
+def auc(pos, neg):
+    """P(a random `pos` value > a random `neg` value), ties counted half (Mann-Whitney U / n m)."""
+    neg = neg.sort().values
+    below = torch.searchsorted(neg, pos, right=False).double()
+    ties = torch.searchsorted(neg, pos, right=True).double() - below
+    return (below + 0.5 * ties).sum() / (len(pos) * len(neg))
+
+
 def mean_std(xs):
     t = torch.tensor(xs, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0

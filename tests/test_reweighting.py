@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import molere
 import molere_io
+import report
 from kernels import weighted_cross_entropy
 from test_molere import ROOT, TINY, SmoothNet, fresh_seed, run_main, small_run
 
@@ -131,8 +132,8 @@ def test_l2rw_batch_with_no_positive_weight_makes_no_update(monkeypatch):
     before = [p.detach().clone() for p in run.model.parameters()]
     momentum = [run.opt.state[p]["momentum_buffer"].clone() for p in run.model.parameters()]
     monkeypatch.setattr(molere, "l2rw_weights", lambda model, x, *a, **k: (torch.tensor(1.0), torch.zeros(len(x))))
-    stats = molere.train_steps(run, data, cfg, batch[1:])
-    assert stats["w_zero"] == 1.0
+    _, seen = molere.train_steps(run, data, cfg, batch[1:])
+    assert (seen["w"][batch[1]] == 0).all()
     for p, b, m in zip(run.model.parameters(), before, momentum):
         assert torch.equal(p, b) and torch.equal(run.opt.state[p]["momentum_buffer"], m)
     one_hot = lambda model, x, *a, **k: (torch.tensor(1.0), F.one_hot(torch.tensor(0), len(x)).float())
@@ -155,8 +156,8 @@ def test_auc_counts_pairs_with_ties_half():
         pos = torch.randint(0, 6, (n,)).double() / 5  # many ties, as L2RW's zero weights make
         neg = torch.randint(0, 6, (m,)).double() / 5
         pairs = (pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()
-        assert molere.auc(pos, neg).item() == pytest.approx(pairs.item(), abs=1e-12), seed
-    assert molere.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])).item() == 1.0
+        assert report.auc(pos, neg).item() == pytest.approx(pairs.item(), abs=1e-12), seed
+    assert report.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])).item() == 1.0
 
 
 def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):

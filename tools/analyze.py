@@ -293,7 +293,7 @@ def noise_table(weights):
              "|---|---|---|---|---|"]
     for m, entries in weights.items():
         for seed, clean, noisy in entries:  # AUC = P(w of a clean image > w of a noisy one), ties half
-            auc = molere.auc(clean, noisy)
+            auc = report.auc(clean, noisy)
             lines.append(f"| {report.method_label(m)} | {seed} | {clean.mean():.3f} | {noisy.mean():.3f} | {auc:.3f} |")
     return "\n".join(lines)
 
