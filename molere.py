@@ -117,6 +117,8 @@ class Config:
     meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
     hidden: int = knob(100, "hidden units of the meta-network and the splitter")
+    meta_input: str = knob("features", "what our meta-network g_phi sees: features ([h(x), onehot(y)]) | "
+                                       "features+loss (and the sample's detached loss, MW-Net's one input)")
     warmup_epochs: int = knob(25, "MOLERE: epochs on a random split before the splitter's")
     resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
     lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
@@ -156,7 +158,7 @@ class Config:
             (0 < self.delta <= 0.5, f"--delta must be in (0, 0.5], got {self.delta}"),
             (self.K >= 1, f"--K must be at least 1, got {self.K}"),
             choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
-            choice("splitter_data", ("val", "all")), choice("arch", ("wrn", "resnet32")),
+            choice("splitter_data", ("val", "all")), choice("meta_input", ("features", "features+loss")), choice("arch", ("wrn", "resnet32")),
             (self.depth >= 10 and (self.depth - 4) % 6 == 0,
              f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}"),
             *((getattr(self, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(self, k)}")
@@ -432,21 +434,25 @@ class SampleNet(nn.Module):
     h(x) is the classifier's penultimate feature vector, detached. Our interpretation of the
     paper's "rich function of (x, y)": it sees the image through the classifier's current
     representation at the cost of a tiny MLP, and, being detached, it does not depend on theta
-    in the graph, which the fast meta-gradient needs. Returns a logit; two instances:
+    in the graph, which the fast meta-gradient needs. `extra` trailing columns of h (the
+    sample's loss, --meta-input features+loss) enter as they are, not normalised. Returns a
+    logit; two instances:
       meta-network  g_phi(x, y)           = sigmoid(logit), the instance weight in (0, 1)
       splitter      P_Theta(val | x, y)   = sigmoid(logit)"""
 
-    def __init__(self, features, classes, hidden, p0=0.5):
+    def __init__(self, features, classes, hidden, p0=0.5, extra=0):
         super().__init__()
-        self.classes = classes
-        self.net = nn.Sequential(nn.Linear(features + classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.features, self.classes, self.extra = features, classes, extra
+        self.net = nn.Sequential(nn.Linear(features + extra + classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         nn.init.constant_(self.net[2].bias, math.log(p0 / (1 - p0)))  # start at sigmoid = p0
 
     def forward(self, h, y):
         dtype = self.net[0].weight.dtype  # tiny: runs in its own dtype, never autocast
         with torch.autocast(h.device.type, enabled=False):
-            h = F.layer_norm(h.detach().to(dtype), h.shape[1:])
-            return self.net(torch.cat([h, F.one_hot(y, self.classes).to(dtype)], 1)).squeeze(1)
+            h = h.detach().to(dtype)
+            feats, extra = h[:, :self.features], h[:, self.features:]
+            z = [F.layer_norm(feats, feats.shape[1:]), extra, F.one_hot(y, self.classes).to(dtype)]
+            return self.net(torch.cat(z, 1)).squeeze(1)
 
 
 class LossNet(nn.Module):
@@ -463,11 +469,13 @@ class LossNet(nn.Module):
 
 
 def meta_input(run, h, logits, y):
-    """What g_phi sees: the features h (SampleNet), or for MW-Net the per-sample loss, detached
-    either way, so w does not depend on theta in the graph and the fast meta-gradient holds."""
-    if run.spec.weights == "loss":
-        return F.cross_entropy(logits.detach().float(), y, reduction="none")[:, None]
-    return h
+    """What g_phi sees: the features h (SampleNet), with --meta-input features+loss the per-sample
+    loss as a last column too, or for MW-Net the loss alone; detached either way, so w does not
+    depend on theta in the graph and the fast meta-gradient holds."""
+    if run.spec.weights != "loss" and not getattr(run.meta, "extra", 0):
+        return h
+    loss = F.cross_entropy(logits.detach().float(), y, reduction="none")[:, None]
+    return loss if run.spec.weights == "loss" else torch.cat([h, loss.to(h.dtype)], 1)
 
 
 def kl(p, q, eps=1e-12):
@@ -687,8 +695,9 @@ class Run:
         self.compiled = compile  # the fast meta step's look-ahead and JVP too (`Compiled`)
         feats = self.model.features
         self.spec = METHODS[method]
+        extra = int(cfg.meta_input == "features+loss")  # the loss as one more input column
         self.meta = (LossNet(cfg.hidden) if self.spec.weights == "loss" else
-                     SampleNet(feats, data.classes, cfg.hidden)).to(device)
+                     SampleNet(feats, data.classes, cfg.hidden, extra=extra)).to(device)
         self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)

@@ -34,7 +34,7 @@ class Runtime:
 
 # Config fields added after results were recorded: left out of a run's identity while at their
 # defaults, so earlier records and checkpoints still match.
-LATER = ("arch", "imbalance", "noise", "meta_set")
+LATER = ("arch", "imbalance", "noise", "meta_set", "meta_input")
 
 
 def config_record(cfg):

@@ -10,6 +10,8 @@
 #   bash reproduce.sh cifar10-noise the noisy-label CPU study of RESULTS.md section 2 (resumable; WORKERS=2 processes)
 #   bash reproduce.sh cifar10-anchor the noisy-label anchor of RESULTS.md section 7, where ERM memorises the noise
 #                                  (ERM, LRW-Random, MOLERE, MW-Net, L2RW; resumable; WORKERS=2 processes)
+#   bash reproduce.sh cifar10-anchor-pilots its pilots: our meta-network with the loss as input and/or a meta step
+#                                  every step; MW-Net with unnormalised weights (two queues, resumable)
 #   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
 #                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
 #                                  paper's balanced comparison on it. COPY_TO=DIR copies the table and records there
@@ -113,6 +115,18 @@ case "$cmd" in
     root=${DATA_ROOT:-../shared/data}
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CIFAR10_ANCHOR[@]}" "$@"
     "$PY" -m tools.analyze results/cifar10-anchor/results.jsonl --figures results/cifar10-anchor --into RESULTS.md ;;
+  cifar10-anchor-pilots)  # RESULTS.md section 7, pilots: our meta-network's schedule and input; MW-Net unnormalised
+    root=${DATA_ROOT:-../shared/data}
+    out=results/cifar10-anchor-pilots
+    mkdir -p "$out"
+    pilot() { local name=$1; shift; "$PY" molere.py --data-root "$root" "${CIFAR10_ANCHOR[@]}" --threads 1 \
+                --out "$out/$name" "$@"; }
+    { pilot loss --method lrw-random --seeds 0 --meta-input features+loss
+      pilot k1 --method lrw-random --seeds 0 --K 1
+      pilot k1-loss --method lrw-random --seeds 0 --K 1 --meta-input features+loss; } >> "$out/queue-a.log" 2>&1 &
+    pilot mwn-none --method mwn --seeds 0 1 2 --weight-norm none >> "$out/queue-b.log" 2>&1 &
+    wait
+    "$PY" -m tools.analyze --compare results/cifar10-anchor/results.jsonl "$out"/*/results.jsonl ;;
   gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
     out=${EVIDENCE_DIR:-runs/gpu-evidence}
     mkdir -p "$out"
