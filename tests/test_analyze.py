@@ -54,3 +54,26 @@ def test_tables_follow_the_records(tmp_path, capsys):
     for x, w, n in curves.values():  # weights divided by their mean over S_tr: the average is 1
         assert sum(n) == 2 * 180 and sum(a * b for a, b in zip(w, n)) / sum(n) == pytest.approx(1, abs=1e-3)
     assert analyze.regime_table(rows) and analyze.resplit_table(rows)
+
+
+def test_compare_names_what_each_pilot_changes_and_reads_its_own_record(tmp_path):
+    def record(method, seed, config, val_losses, aucs, acc):
+        log = [dict(epoch=e + 1, val_loss=v, w_auc=a, w_sat=0.1 * e) for e, (v, a) in enumerate(zip(val_losses, aucs))]
+        return dict(method=method, seed=seed, config=config, log=log, fit_flipped=0.25, fit_clean=0.5,
+                    test_acc=acc, config_hash="x")
+    study, pilot = tmp_path / "study.jsonl", tmp_path / "pilot.jsonl"
+    base = {"K": 5, "weight_norm": "batch"}
+    for path, rows in ((study, [record("erm", 0, base, [1.0], [0.5], 30.0),
+                                record("lrw-random", 0, base, [2.0, 2.5], [0.6, 0.55], 29.0),
+                                record("l2rw", 0, base, [1.7, 1.8], [0.6, 0.5], 31.0)]),
+                       (pilot, [record("lrw-random", 0, {**base, "K": 1, "meta_input": "features+loss"},
+                                       [2.2, 1.9], [0.7, 0.81], 33.5)])):
+        for r in rows:
+            molere_io.append_result(str(path), r)
+    lines = analyze.compare_table([str(study), str(pilot)]).splitlines()[2:]
+    assert len(lines) == 2  # only the method the pilots vary; ERM and L2RW are not repeated
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0][2] == "the study's" and cells[1][2] == "K 1, meta_input features+loss"
+    assert cells[0][3] == "2.500" and cells[1][3] == "1.900"  # the last epoch's clean meta-set loss
+    assert cells[1][4] == "0.81 (2) / 0.81" and cells[1][5] == "0.10 (2)"
+    assert cells[1][6] == "25.0 / 50.0" and cells[1][8] == "+3.50" and cells[0][8] == "-1.00"

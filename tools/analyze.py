@@ -18,6 +18,10 @@ With --into RESULTS.md, the markdown replaces the block between the lines
 `<!-- analyze RESULTS_PATH -->` and `<!-- /analyze -->` of that file, so the tables there are
 generated, never typed. Records from before
 2026-11-27 lack some fields; their sections are left out.
+
+    python -m tools.analyze --compare results/cifar10-anchor/results.jsonl results/cifar10-anchor-pilots/*/results.jsonl
+
+prints one table of runs whose configs differ (pilots against the study they vary).
 """
 import argparse
 import math
@@ -176,6 +180,39 @@ def meta_level_table(rows):
             lines.append(f"| {report.method_label(m)} | {r['seed']} | {gain} | {100 * flipped:.1f} / {100 * clean:.1f} | "
                          f"{in_val} | {earlier or '—'} | {series(log, 'w_auc')} | {peak(log, 'w_auc')} | "
                          f"{series(log, sat)} | {peak(log, sat)} | {dphi} |")
+    return "\n".join(lines)
+
+
+def compare_table(files):
+    """Pilots beside the study they vary, one row per run of a reweighting method present in
+    the pilots: what its config changes against the first file's, the clean meta-set loss of its
+    last epoch (mean L_val(theta') over that epoch's meta steps: the pilots' criterion), the
+    weights' peak and last AUC and peak saturation, the labels the final model fits, and its test
+    accuracy and gain over the first file's ERM of the same seed (reported, never used to choose)."""
+    runs = [(r, path) for path in files for r in molere_io.read_results(path)]
+    if not runs:
+        raise SystemExit(f"analyze: error: no results in {', '.join(files)}")
+    base = runs[0][0]["config"]
+    default = lambda k: molere.Config.__dataclass_fields__[k].default
+    changed = lambda c: ", ".join(f"{k} {v}" for k, v in c.items() if base.get(k, default(k)) != v) or "the study's"
+    erm = {r["seed"]: r["test_acc"] for r, path in runs if r["method"] == "erm" and path == files[0]}
+    varied = {r["method"] for r, path in runs if path != files[0]}
+    head = ["method", "seed", "config (against the first file's)", "clean meta-set loss, last epoch",
+            "weights' AUC: peak (epoch) / last", "peak saturation (epoch)", "fits flipped / clean (end, %)",
+            "test acc (%)", "gain over ERM (pp)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r, path in sorted(runs, key=lambda rp: (rp[0]["method"], rp[0]["seed"], rp[1] != files[0])):
+        if r["method"] not in varied:
+            continue
+        log, (flipped, clean) = r["log"], label_fits(r)
+        auc = max(log, key=lambda e: e["w_auc"])
+        key = "w_zero" if "w_zero" in log[0] else "w_sat"
+        sat = max(log, key=lambda e: e[key])
+        gain = f"{r['test_acc'] - erm[r['seed']]:+.2f}" if r["seed"] in erm else "—"
+        lines.append(f"| {report.method_label(r['method'])} | {r['seed']} | {changed(r['config'])} | "
+                     f"{log[-1]['val_loss']:.3f} | {auc['w_auc']:.2f} ({auc['epoch']}) / {log[-1]['w_auc']:.2f} | "
+                     f"{sat[key]:.2f} ({sat['epoch']}) | {100 * flipped:.1f} / {100 * clean:.1f} | "
+                     f"{r['test_acc']:.2f} | {gain} |")
     return "\n".join(lines)
 
 
@@ -406,10 +443,16 @@ def figures(rows, gains, curves, folder):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results")
+    p.add_argument("results", nargs="+", help="a results.jsonl (several with --compare)")
+    p.add_argument("--compare", action="store_true", help="one table of runs from several files whose configs differ")
     p.add_argument("--figures", help="folder for the PNG figures")
     p.add_argument("--into", help="a markdown file whose analyze block for these results gets the tables")
     a = p.parse_args()
+    if a.compare:
+        return print(compare_table(a.results))
+    if len(a.results) > 1:
+        p.error("several results files only with --compare")
+    a.results = a.results[0]
     rows = molere_io.read_results(a.results)
     if not rows:
         raise SystemExit(f"analyze: error: no results in {a.results}")
