@@ -13,16 +13,16 @@ Train-twice variants (LRW-Easy/Random/Hard) fix S_val from an ERM model's margin
     python molere.py --help
 
 The file is the method and only the method, in the order a run executes: what each method
-is (METHODS), config, data, networks, weight nets and splitter, the look-ahead meta-gradient
-(SPEC section 7's weight_grad_fast / weight_grad_reference), the steps of one training step,
-the splits, the MOLERE loop (`train`). The frame lives beside it: the command line, the plan,
-checkpoints and result records in molere_cli.py, files in molere_io.py, the results table in
-report.py, the fused weighted cross-entropy in kernels/. Equation -> function: README.md,
-"Where each equation lives".
+is (METHODS), config, batches, networks, weight nets and splitter, the look-ahead
+meta-gradient (SPEC section 7's weight_grad_fast / weight_grad_reference), the steps of one
+training step, the splits, the MOLERE loop (`train`). Beside it: the pool S and the test split
+(subset, class skew, label noise, clean meta set) in molere_data.py; the command line, the plan,
+checkpoints and result records in molere_cli.py; files and config checks in molere_io.py; the
+results table in report.py; the fused weighted cross-entropy in kernels/. Equation ->
+function: README.md, "Where each equation lives".
 """
 import contextlib
 import math
-import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 from kernels import weighted_cross_entropy
-from molere_io import ConfigError, DataError, load_cifar, load_packed
+from molere_io import Compiled, ConfigError, config_problem
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -63,7 +63,7 @@ class Method:
 
 METHODS = {
     "erm": Method("none", "none"),
-    "erm-tr": Method("random", "none", role="control"),  # ERM on LRW-Random's S_tr: the price of holding delta out
+    "erm-tr": Method("random", "none", role="control"),  # ERM on LRW-Random's S_tr: what holding out costs
     "lrw-random": Method("random", "features"),
     "lrw-easy": Method("high-margin", "features"),
     "lrw-hard": Method("low-margin", "features"),
@@ -71,21 +71,14 @@ METHODS = {
     "mwn": Method("random", "loss", every_step=True, role="baseline", meta_wd=1e-4),  # Shu et al. 2019
     "l2rw": Method("random", "l2rw", every_step=True, role="baseline"),  # Ren et al. 2018
 }
-ALL = [m for m, spec in METHODS.items() if spec.role != "baseline"]  # --method all: the paper's and the control
+ALL = [m for m, spec in METHODS.items() if spec.role != "baseline"]  # --method all: the paper's, the control
 ROLE = {m: spec.role for m, spec in METHODS.items() if spec.role}  # how tables label the others
-NEEDS_ERM = [m for m, spec in METHODS.items() if spec.split.endswith("margin")]  # train-twice: ERM's margins first
-DATASETS = ("synthetic", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
+NEEDS_ERM = [m for m, spec in METHODS.items() if spec.split.endswith("margin")]  # train-twice: ERM first
 
 
 
 def knob(default, help):
     return field(default=default, metadata={"help": help})
-
-
-def _number(text):
-    with contextlib.suppress(ValueError):
-        return float(text)
-    return None
 
 
 @dataclass(frozen=True)
@@ -106,14 +99,15 @@ class Config:
     lr: float = knob(0.1, "classifier SGD learning rate (also alpha of the look-ahead)")
     momentum: float = knob(0.9, "classifier SGD Nesterov momentum")
     wd: float = knob(5e-4, "classifier weight decay")
-    milestones: tuple = knob((0.3, 0.6, 0.8), "fractions of --epochs at which the lr is multiplied by --gamma")
+    milestones: tuple = knob((0.3, 0.6, 0.8), "fractions of --epochs at which the lr is scaled by --gamma")
     gamma: float = knob(0.2, "learning-rate decay factor at each milestone")
     # LRW and MOLERE
     delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
     K: int = knob(5, "meta-network and splitter update every K classifier steps")
     meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
-    weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's class-imbalance code) | "
-                                       "none (the paper's literal sum; MW-Net's noisy-label script)")
+    weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's "
+                                     "class-imbalance code) | none (the paper's literal sum; MW-Net's "
+                                     "noisy-label script)")
     meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
     hidden: int = knob(100, "hidden units of the meta-network and the splitter")
@@ -123,8 +117,8 @@ class Config:
     resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
     lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
     lambda_bal: float = knob(1.0, "weight of the splitter's label-balance regularizer")
-    splitter_data: str = knob("val", "val (CE and -l_val on a batch of the current S_val, as the paper's update) | "
-                                     "all (on a batch of S, the first study's reading)")
+    splitter_data: str = knob("val", "val (CE and -l_val on a batch of the current S_val, as the paper's "
+                                     "update) | all (on a batch of S, the first study's reading)")
     augment: bool = knob(True, "random crop and flip for training and validation batches")
     # the paper's other settings (its Tables 2 and 3) and the MW-Net baseline
     arch: str = knob("wrn", "wrn (Wide-ResNet --depth/--width/--dropout) | resnet32 (He et al.'s CIFAR "
@@ -133,8 +127,8 @@ class Config:
                                  "(1: as given)")
     noise: str = knob("none", "label noise on the pool, fixed for every seed: none | uniform:p (to another "
                               "class, uniformly) | pair:p (to the next class)")
-    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images with their "
-                                  "true labels: the fixed S_val of every reweighting method but MOLERE)")
+    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images with "
+                                  "their true labels: every reweighting method's fixed S_val but MOLERE's)")
 
     def __post_init__(self):  # numbers as the CLI gives them, so Config(dropout=0) is Config(dropout=0.0)
         for f in fields(self):
@@ -142,152 +136,11 @@ class Config:
             if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-        bad = self.problem()
+        bad = config_problem(self)  # the first value no run can use, as one line
         if bad:
             raise ConfigError(bad)
 
-    def problem(self):
-        """The first value no run can use, as one line; None if all are fine."""
-        flag = lambda name: "--" + name.replace("_", "-")
-        choice = lambda name, allowed: (getattr(self, name) in allowed, f"{flag(name)} must be "
-                                        f"{' or '.join(allowed)}, got {getattr(self, name)!r}")
-        noise, _, p = self.noise.partition(":")
-        meta, _, n = self.meta_set.partition(":")
-        checks = [
-            (self.dataset in DATASETS, f"unknown --dataset {self.dataset!r}: choose from {', '.join(DATASETS)}"),
-            (0 < self.delta <= 0.5, f"--delta must be in (0, 0.5], got {self.delta}"),
-            (self.K >= 1, f"--K must be at least 1, got {self.K}"),
-            choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
-            choice("splitter_data", ("val", "all")), choice("meta_input", ("features", "features+loss")), choice("arch", ("wrn", "resnet32")),
-            (self.depth >= 10 and (self.depth - 4) % 6 == 0,
-             f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}"),
-            *((getattr(self, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(self, k)}")
-              for k in ("width", "epochs", "batch_size", "resplit_every", "hidden")),
-            *((0 < getattr(self, k) < math.inf, f"{flag(k)} must be a finite positive number, got {getattr(self, k)}")
-              for k in ("lr", "meta_lr", "split_lr")),
-            (0 <= self.momentum < 1 and 0 <= self.wd < math.inf and 0 < self.gamma <= 1,
-             "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"),
-            (all(0 < m <= 1 for m in self.milestones),
-             f"--milestones are fractions of --epochs, each in (0, 1], got {list(self.milestones)}"),
-            (0 <= self.lambda_size < math.inf and 0 <= self.lambda_bal < math.inf,
-             "--lambda-size and --lambda-bal must be finite and non-negative"),
-            (0 <= self.dropout < 1 and self.warmup_epochs >= 0 and self.train_subset >= 0,
-             "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"),
-            (1 <= self.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {self.imbalance}"),
-            (self.noise == "none" or (noise in ("uniform", "pair") and 0 < (_number(p) or 0) < 1),
-             f"--noise must be none, uniform:p or pair:p with p in (0, 1), got {self.noise!r}"),
-            (self.meta_set == "split" or (meta == "clean" and n.isdigit() and int(n) > 0),
-             f"--meta-set must be split or clean:N with N >= 1, got {self.meta_set!r}"),
-        ]
-        return next((message for ok, message in checks if not ok), None)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled=0.08, seed=1234):
-    """A learnable CIFAR-shaped set made in memory (same for every training seed): each
-    class is a smooth colour pattern; a `hard` fraction of images blends in another class
-    (near the boundary), and a `mislabelled` fraction of TRAINING labels is flipped."""
-    g = torch.Generator().manual_seed(seed)
-    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=g), size=32, mode="bilinear",
-                           align_corners=False)
-
-    def sample(n, flip):
-        y = torch.arange(n) % classes
-        y = y[torch.randperm(n, generator=g)]
-        other = (y + torch.randint(1, classes, (n,), generator=g)) % classes
-        mix = torch.where(torch.rand(n, generator=g) < hard,
-                          0.5 + 0.15 * torch.rand(n, generator=g), torch.ones(n))[:, None, None, None]
-        x = mix * protos[y] + (1 - mix) * protos[other] + 0.12 * torch.randn(n, 3, 32, 32, generator=g)
-        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-        if flip:
-            bad = torch.rand(n, generator=g) < mislabelled
-            y = torch.where(bad, (y + torch.randint(1, classes, (n,), generator=g)) % classes, y)
-        return x, y
-
-    return (*sample(n_train, True), *sample(n_test, False), classes)
-
-
-def balanced_subset(y, n, classes, seed=0):
-    """A fixed class-balanced subset of n indices (same for every seed and method)."""
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    ys = y[perm]
-    rank = torch.zeros_like(ys)
-    for c in range(classes):
-        m = ys == c
-        rank[m] = torch.arange(int(m.sum()))
-    return perm[rank < math.ceil(n / classes)][:n].sort().values
-
-
-def long_tail(y, rho, classes):
-    """Indices of a long-tailed pool: class c keeps n_c = n_max * rho^(-c/(C-1)) of its images
-    (class 0 largest), chosen by a fixed permutation, the same for every seed and method."""
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
-    n_max = int(torch.bincount(y, minlength=classes).min())
-    keep = [perm[y[perm] == c][:max(1, int(n_max * rho ** (-c / max(classes - 1, 1))))] for c in range(classes)]
-    return torch.cat(keep).sort().values
-
-
-def add_noise(y, noise, classes):
-    """Label noise, drawn once with a fixed generator: `uniform:p` moves a p-fraction of labels
-    to another class chosen uniformly, `pair:p` to the next class. Returns the new labels."""
-    kind, p = noise.split(":")
-    g = torch.Generator().manual_seed(2)
-    flip = torch.rand(len(y), generator=g) < float(p)
-    shift = torch.randint(1, classes, (len(y),), generator=g) if kind == "uniform" else torch.ones_like(y)
-    return torch.where(flip, (y + shift) % classes, y)
-
-
-@dataclass
-class Data:
-    x: torch.Tensor        # pool S, uint8 (N, 3, 32, 32), on the device
-    y: torch.Tensor        # int64 (N,), the labels training sees (noisy under --noise)
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    classes: int
-    mean: torch.Tensor     # per-channel pixel statistics of S, for normalisation
-    std: torch.Tensor
-    y_true: torch.Tensor   # labels before --noise (= y without it)
-    meta_mask: torch.Tensor = None  # --meta-set clean:N: the fixed clean S_val
-    noisy: torch.Tensor = None      # --noise: which labels of S it flipped (y != y_true)
-
-
-def load_data(cfg, device, data_root="data", download=True):
-    """The pool S (subset, class skew, noise, clean meta set: each fixed for every seed) and the
-    untouched test split, on the device."""
-    if cfg.dataset == "synthetic":
-        x, y, xt, yt, classes = make_synthetic()
-    elif cfg.dataset == "packed":
-        x, y, xt, yt, classes = load_packed(data_root)
-    else:
-        x, y, xt, yt, classes = load_cifar(data_root, cfg.dataset, download)
-    if cfg.train_subset:
-        if cfg.train_subset > len(y):
-            raise DataError(f"--train-subset {cfg.train_subset} exceeds the {len(y)} training images")
-        keep = balanced_subset(y, cfg.train_subset, classes)
-        x, y = x[keep], y[keep]
-    if cfg.imbalance > 1:
-        keep = long_tail(y, cfg.imbalance, classes)
-        x, y = x[keep], y[keep]
-    y_true = y
-    if cfg.noise != "none":
-        y = add_noise(y, cfg.noise, classes)
-    meta_mask = None
-    if cfg.meta_set != "split":
-        n = int(cfg.meta_set.split(":")[1])
-        counts = torch.bincount(y_true, minlength=classes)
-        if n < classes or n > int(counts.min()) * classes // 2:
-            raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
-                            f"{int(counts.min()) * classes // 2} (half the smallest class, times {classes})")
-        meta_mask = torch.zeros(len(y), dtype=torch.bool)
-        meta_mask[balanced_subset(y_true, n, classes)] = True
-        y = torch.where(meta_mask, y_true, y)  # the meta set keeps its true labels
-    xf = x.float() / 255
-    mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
-    dev = lambda t: None if t is None else t.to(device)
-    return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
-                dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None)
+# ------------------------------------------------------------------ batches (the pool S: molere_data.py)
 
 
 def get_batch(data, idx, augment, x=None):
@@ -443,7 +296,8 @@ class SampleNet(nn.Module):
     def __init__(self, features, classes, hidden, p0=0.5, extra=0):
         super().__init__()
         self.features, self.classes, self.extra = features, classes, extra
-        self.net = nn.Sequential(nn.Linear(features + extra + classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Linear(features + extra + classes, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
         nn.init.constant_(self.net[2].bias, math.log(p0 / (1 - p0)))  # start at sigmoid = p0
 
     def forward(self, h, y):
@@ -531,7 +385,7 @@ def per_class_topk(scores, labels, delta, classes):
     rank[order] = torch.arange(len(labels), device=labels.device) - start[labels[order]]
     return rank < k[labels]
 
-# ----------------------------------------------------------------------------- LRW meta-gradient (SPEC section 1)
+# ---------------------------------------------------------- the look-ahead meta-gradient (SPEC sections 1, 7)
 
 
 def cloned_buffers(model):
@@ -558,46 +412,13 @@ def per_sample_losses(model, params, x, y):
     """l_i at the given parameters, BatchNorm statistics on copies. Works with any classifier
     whose forward returns logits or a tuple that starts with them."""
     out = functional_call(model, {**params, **cloned_buffers(model)}, (x,))
-    return F.cross_entropy(out[0] if isinstance(out, tuple) else out, y, reduction="none")  # fp32 under autocast
+    logits = out[0] if isinstance(out, tuple) else out
+    return F.cross_entropy(logits, y, reduction="none")  # fp32 under autocast
 
 
 def loss_jvp(model, params, tangents, x, y):
     """(l(theta), a) with a_i = <grad_theta l_i(theta), tangents>: one forward-mode pass."""
     return jvp(lambda p: per_sample_losses(model, p, x, y), (params,), (tangents,))
-
-
-class Compiled:
-    """`fn` through torch.compile, built on first use (--compile). Inductor's `fallback_random`
-    makes dropout draw from the global RNG exactly as eager does, so a replayed RNG state gives
-    the classifier step's masks here too. If compiling fails (no C compiler, no Triton), one
-    line on stderr and eager from then on."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, None
-
-    def __call__(self, *args):
-        if self.compiled is not self.fn:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, options={"fallback_random": True})
-                return self.compiled(*args)
-            except Exception as e:  # torch's compile errors have no common base class
-                print(f"warning: torch.compile of {self.fn.__name__} failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:120] if str(e) else ''}); running it eagerly", file=sys.stderr)
-                self.compiled = self.fn
-        return self.fn(*args)
-
-
-compiled_losses, compiled_loss_jvp = Compiled(per_sample_losses), Compiled(loss_jvp)
-
-
-def lookahead_val_grad(model, grads, alpha, xv, yv, compiled=False):
-    """theta' = theta - alpha * G with G = grad_theta mean_i w_i l_i(theta) (already computed);
-    returns L_val(theta') (unweighted mean CE on the validation batch) and v = grad L_val(theta')."""
-    losses = compiled_losses if compiled else per_sample_losses
-    theta1 = {n: (p.detach() - alpha * g).requires_grad_() for (n, p), g in zip(model.named_parameters(), grads)}
-    loss_val = losses(model, theta1, xv, yv).mean()
-    return loss_val.detach(), torch.autograd.grad(loss_val, list(theta1.values()))
 
 
 def instance_weights(meta, h, y, weight_norm="batch"):
@@ -612,21 +433,36 @@ def normalised(w, weight_norm):
     return w / w.mean() if weight_norm == "batch" else w
 
 
-def weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng, compiled=False):
-    """The core of every look-ahead reweighting method (SPEC section 7), fast path: returns
-    (L_val(theta'), g) with theta' = theta - alpha * G, G = grad_theta mean_j w~_j l_j(theta), and
-         g_i = dL_val(theta') / dw~_i = -(alpha / B) a_i,   a_i = <grad_theta l_i(theta), v>,
-    v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
-    loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
-    `grads` = G at the current w~, which the classifier step has just computed for the same
-    batch (all zeros: theta' = theta, L2RW's w~ = 0). `model` is any module whose forward
-    returns logits or a tuple that starts with them. `compiled`: the look-ahead and the JVP run
-    through torch.compile (see `Compiled`)."""
-    loss_val, v = lookahead_val_grad(model, grads, alpha, xv, yv, compiled)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    with replay_rng(rng, x.device):
-        _, a = (compiled_loss_jvp if compiled else loss_jvp)(model, params, dict(zip(params, v)), x, y)
-    return loss_val, -alpha * a / len(y)
+def fast_path(losses, loss_jvp):
+    """SPEC section 7's fast path over the two calls it spends its time in, the per-sample
+    losses and their JVP: eager (`weight_grad_fast`) or through torch.compile
+    (`weight_grad_compiled`, --compile; see molere_io.Compiled)."""
+
+    def weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng):
+        """The core of every look-ahead reweighting method (SPEC section 7), fast path: returns
+        (L_val(theta'), g) with theta' = theta - alpha * G, G = grad_theta mean_j w~_j l_j(theta), and
+             g_i = dL_val(theta') / dw~_i = -(alpha / B) a_i,   a_i = <grad_theta l_i(theta), v>,
+        v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
+        loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
+        `grads` = G at the current w~, which the classifier step has just computed for the same
+        batch (all zeros: theta' = theta, L2RW's w~ = 0). `model` is any module whose forward
+        returns logits or a tuple that starts with them. Then for any weighting w~(phi) that does
+        not depend on theta in the graph: dL_val/dphi = autograd.grad(w~, phi, grad_outputs=g)."""
+        theta1 = {n: (p.detach() - alpha * g).requires_grad_()
+                  for (n, p), g in zip(model.named_parameters(), grads)}
+        loss_val = losses(model, theta1, xv, yv).mean()
+        v = torch.autograd.grad(loss_val, list(theta1.values()))
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        with replay_rng(rng, x.device):
+            _, a = loss_jvp(model, params, dict(zip(params, v)), x, y)
+        return loss_val.detach(), -alpha * a / len(y)
+
+    return weight_grad_fast
+
+
+compiled_losses, compiled_loss_jvp = Compiled(per_sample_losses), Compiled(loss_jvp)
+weight_grad_fast = fast_path(per_sample_losses, loss_jvp)
+weight_grad_compiled = fast_path(compiled_losses, compiled_loss_jvp)
 
 
 def weight_grad_reference(model, x, y, w, xv, yv, alpha, rng):
@@ -643,42 +479,18 @@ def weight_grad_reference(model, x, y, w, xv, yv, alpha, rng):
     return loss_val.detach(), torch.autograd.grad(loss_val, w)[0]
 
 
-def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm="batch", compiled=False):
-    """Exact dL_val(theta'(phi))/dphi with no double backward (SPEC section 1, fast path):
-         dL_val/dphi = sum_i g_i dw~_i/dphi = -(alpha / B) sum_i a_i dw~_i/dphi,
-    g from `weight_grad_fast`. Valid because w = g_phi(h.detach(), y) does not depend on theta in
-    the graph; the chain rule through w~ (batch normalisation included) is one backward of w~."""
-    loss_val, g = weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng, compiled)
-    w = instance_weights(meta, h, y, weight_norm)
-    return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=g.to(w.dtype))
-
-
-def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm="batch"):
-    """The same meta-gradient entirely the direct way (independent of `weight_grad_*`):
-    functional_call + create_graph=True, then backpropagate
-    L_val(theta - alpha * grad_theta mean_i w~_i(phi) l_i(theta)) to phi."""
-    params = dict(model.named_parameters())
-    with replay_rng(rng, x.device):
-        losses = per_sample_losses(model, params, x, y)
-    inner = (instance_weights(meta, h, y, weight_norm) * losses).mean()
-    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-    theta1 = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
-    loss_val = per_sample_losses(model, theta1, xv, yv).mean()
-    return loss_val.detach(), torch.autograd.grad(loss_val, list(meta.parameters()))
-
-
-def l2rw_weights(model, x, y, xv, yv, alpha, rng, compiled=False):
+def l2rw_weights(model, x, y, xv, yv, alpha, rng, weight_grad=weight_grad_fast):
     """Learning to Reweight (Ren et al. 2018; SPEC section 8): with g from `weight_grad_fast` at
     w~ = 0 (so theta' = theta, G = 0), w_i = max(-g_i, 0) / sum_j max(-g_j, 0): the training
     points whose gradient agrees with the validation gradient, in proportion to the agreement.
     Returns (L_val, w), w summing to 1, or all zeros where no point agrees (that batch makes no
     update, as in its paper)."""
     zeros = [torch.zeros_like(p) for p in model.parameters()]
-    loss_val, g = weight_grad_fast(model, x, y, zeros, xv, yv, alpha, rng, compiled)
+    loss_val, g = weight_grad(model, x, y, zeros, xv, yv, alpha, rng)
     w = torch.relu(-g.float())
     return loss_val, w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
 
-# ----------------------------------------------------------------------------- one training step, in three parts
+# ------------------------------------------------------------------------- one training step, in three parts
 
 
 class Run:
@@ -691,8 +503,8 @@ class Run:
         self.model = make_model(cfg, data.classes).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.fwd = torch.compile(self.model) if compile else self.model  # plain steps, evaluation: no masks to replay
-        self.compiled = compile  # the fast meta step's look-ahead and JVP too (`Compiled`)
+        self.fwd = torch.compile(self.model) if compile else self.model  # plain steps, evaluation: no replay
+        self.weight_grad = weight_grad_compiled if compile else weight_grad_fast  # the look-ahead and JVP
         feats = self.model.features
         self.spec = METHODS[method]
         extra = int(cfg.meta_input == "features+loss")  # the loss as one more input column
@@ -703,7 +515,8 @@ class Run:
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, sorted({round(f * cfg.epochs) for f in cfg.milestones}), cfg.gamma)
-        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr, weight_decay=self.spec.meta_wd)
+        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr,
+                                         weight_decay=self.spec.meta_wd)
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
         self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
         self.epoch = self.step = 0
@@ -739,8 +552,9 @@ def weighted_backward(run, logits, y, w_tilde, w, stats):
 def classifier_step(run, data, cfg, idx, stats, meta_next=False):
     """SPEC section 1, inner level: G = grad_theta mean_i w~_i l_i on the batch S_tr[idx], with
     w~_i from g_phi(x_i, y_i) detached (ERM: w~_i = 1). With `meta_next` the meta step's JVP can
-    replay this forward's dropout masks. Returns the batch, what the meta step needs, and for the
-    epoch's diagnostics the raw weights w and which labels the batch fits."""
+    replay this forward's dropout masks. Returns the batch as the meta step needs it (x, y, what
+    g_phi sees, the RNG state), and for the epoch's diagnostics the raw weights w and which labels
+    the batch fits."""
     x, y, rng, logits, h = forward_batch(run, data, cfg, idx, keep_rng=meta_next)
     h = meta_input(run, h.detach(), logits, y)
     if not run.reweights:
@@ -749,7 +563,7 @@ def classifier_step(run, data, cfg, idx, stats, meta_next=False):
         with torch.no_grad():
             w = instance_weights(run.meta, h, y, "none")
     fit = weighted_backward(run, logits, y, normalised(w, cfg.weight_norm), w, stats)
-    return x, y, h, rng, w, fit
+    return (x, y, h, rng), w, fit
 
 
 def batch_stats(stats, run, w, losses):
@@ -766,22 +580,27 @@ def validation_batch(run, data, cfg, val_idx):
     return get_batch(data, vi, augment=cfg.augment), data.y[vi]
 
 
-def meta_step(run, data, cfg, x, y, h, rng, val_idx, stats):
+def meta_step(run, data, cfg, batch, val_idx, stats):
     """SPEC section 1, middle level: phi <- phi - beta2 grad_phi L_val(theta'(phi)), with the
-    look-ahead theta' at this training batch and L_val on a batch drawn from S_val.
-    The classifier update of this step still uses phi from before (one-step lag, README)."""
+    look-ahead theta' at this training batch and L_val on a batch drawn from S_val:
+        dL_val/dphi = sum_i g_i dw~_i/dphi,    g = dL_val(theta')/dw~ (SPEC section 7),
+    exact because w~ = g_phi(h.detach(), y) does not depend on theta in the graph. g by one JVP
+    (`weight_grad_fast`, at G as the classifier step left it in p.grad) or by create_graph
+    (--meta-grad reference). The classifier update of this step still uses phi from before
+    (one-step lag, README)."""
+    x, y, h, rng = batch
     xv, yv = validation_batch(run, data, cfg, val_idx)
     alpha = run.opt.param_groups[0]["lr"]
     with autocast(run.device):
+        w_tilde = instance_weights(run.meta, h, y, cfg.weight_norm)  # differentiable in phi
         if cfg.meta_grad == "fast":
             grads = [p.grad for p in run.model.parameters()]
-            loss_val, meta_grads = meta_grad_fast(run.model, run.meta, x, y, h, grads, xv, yv, alpha, rng,
-                                                  cfg.weight_norm, compiled=run.compiled)
+            loss_val, g = run.weight_grad(run.model, x, y, grads, xv, yv, alpha, rng)
         else:
-            loss_val, meta_grads = meta_grad_reference(run.model, run.meta, x, y, h, xv, yv, alpha, rng,
-                                                       cfg.weight_norm)
-    for p, g in zip(run.meta.parameters(), meta_grads):
-        p.grad = g.float()
+            loss_val, g = weight_grad_reference(run.model, x, y, w_tilde, xv, yv, alpha, rng)
+        phi = list(run.meta.parameters())
+        for p, d in zip(phi, torch.autograd.grad(w_tilde, phi, grad_outputs=g.to(w_tilde.dtype))):
+            p.grad = d.float()
     run.opt_meta.step()
     stats["val_loss"].append(loss_val.float())
 
@@ -794,7 +613,8 @@ def l2rw_step(run, data, cfg, idx, val_idx, stats):
     x, y, rng, logits, _ = forward_batch(run, data, cfg, idx, keep_rng=True)
     xv, yv = validation_batch(run, data, cfg, val_idx)
     with autocast(run.device):
-        loss_val, w = l2rw_weights(run.model, x, y, xv, yv, run.opt.param_groups[0]["lr"], rng, run.compiled)
+        alpha = run.opt.param_groups[0]["lr"]
+        loss_val, w = l2rw_weights(run.model, x, y, xv, yv, alpha, rng, run.weight_grad)
     w = w * len(y)  # w~ with mean 1: mean_i w~_i l_i = sum_i w_i l_i
     fit = weighted_backward(run, logits, y, w, w, stats)
     stats["val_loss"].append(loss_val.float())
@@ -856,9 +676,9 @@ def train_steps(run, data, cfg, batches):
             update, w, fit = l2rw_step(run, data, cfg, idx, val_idx, stats)
         else:
             meta_now = run.reweights and run.step % K == 0
-            x, y, h, rng, w, fit = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
+            batch, w, fit = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
             if meta_now:
-                meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
+                meta_step(run, data, cfg, batch, val_idx, stats)
                 if run.spec.split == "splitter":
                     splitter_step(run, data, cfg, stats, val_idx)
         if update:

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
-                    load_data, margins, meta_input, per_class_topk, predict, rng_state, train)
-from report import auc, report_table
+                    margins, meta_input, per_class_topk, predict, rng_state, train)
+from molere_data import load_data
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, make_writable_folder,
                        read_checkpoint, read_results, run_lock, write_checkpoint)
+from report import auc, report_table
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """
-The files molere.py reads and writes, and what can go wrong with them, kept apart so that
+What molere.py needs from its surroundings, and what can go wrong there, kept apart so that
 molere.py reads as the method:
-  CIFAR pickles     read by our own reader through an unpickler that runs no code
+  config values     checked in one place (`config_problem`), for the CLI and for Python alike
+  data files        CIFAR pickles read by our own reader through an unpickler that runs no
+                    code; the packed subset a GPU call carries
+  torch.compile     with a one-line fallback to eager where it cannot compile (`Compiled`)
   checkpoints       written atomically with the previous epoch's kept; loaded weights_only
   result records    one JSON line per finished run, appended under a lock, torn lines skipped
 and the errors the CLI turns into one line.
@@ -9,6 +12,7 @@ and the errors the CLI turns into one line.
 import contextlib
 import fcntl
 import json
+import math
 import os
 import pickle
 import socket
@@ -34,6 +38,53 @@ class ConfigMismatch(UserError):
     """A checkpoint made under another Config."""
 
 # ----------------------------------------------------------------------------- CIFAR pickles
+
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
+
+
+def _number(text):
+    with contextlib.suppress(ValueError):
+        return float(text)
+    return None
+
+
+def config_problem(cfg):
+    """The first value of a molere.Config that no run can use, as one line; None if all are
+    fine. Config checks itself with this when built, from the CLI or from Python."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    choice = lambda name, allowed: (getattr(cfg, name) in allowed, f"{flag(name)} must be "
+                                    f"{' or '.join(allowed)}, got {getattr(cfg, name)!r}")
+    noise, _, p = cfg.noise.partition(":")
+    meta, _, n = cfg.meta_set.partition(":")
+    checks = [
+        (cfg.dataset in DATASETS, f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)}"),
+        (0 < cfg.delta <= 0.5, f"--delta must be in (0, 0.5], got {cfg.delta}"),
+        (cfg.K >= 1, f"--K must be at least 1, got {cfg.K}"),
+        choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
+        choice("splitter_data", ("val", "all")), choice("arch", ("wrn", "resnet32")),
+        choice("meta_input", ("features", "features+loss")),
+        (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0,
+         f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {cfg.depth}"),
+        *((getattr(cfg, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(cfg, k)}")
+          for k in ("width", "epochs", "batch_size", "resplit_every", "hidden")),
+        *((0 < getattr(cfg, k) < math.inf, f"{flag(k)} must be a finite positive number, got {getattr(cfg, k)}")
+          for k in ("lr", "meta_lr", "split_lr")),
+        (0 <= cfg.momentum < 1 and 0 <= cfg.wd < math.inf and 0 < cfg.gamma <= 1,
+         "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"),
+        (all(0 < m <= 1 for m in cfg.milestones),
+         f"--milestones are fractions of --epochs, each in (0, 1], got {list(cfg.milestones)}"),
+        (0 <= cfg.lambda_size < math.inf and 0 <= cfg.lambda_bal < math.inf,
+         "--lambda-size and --lambda-bal must be finite and non-negative"),
+        (0 <= cfg.dropout < 1 and cfg.warmup_epochs >= 0 and cfg.train_subset >= 0,
+         "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"),
+        (1 <= cfg.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {cfg.imbalance}"),
+        (cfg.noise == "none" or (noise in ("uniform", "pair") and 0 < (_number(p) or 0) < 1),
+         f"--noise must be none, uniform:p or pair:p with p in (0, 1), got {cfg.noise!r}"),
+        (cfg.meta_set == "split" or (meta == "clean" and n.isdigit() and int(n) > 0),
+         f"--meta-set must be split or clean:N with N >= 1, got {cfg.meta_set!r}"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 CIFAR = {
@@ -149,6 +200,28 @@ def load_packed(root):
             torch.from_numpy(yt.astype(np.int64)), classes)
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+class Compiled:
+    """`fn` through torch.compile, built on first use (--compile). Inductor's `fallback_random`
+    makes dropout draw from the global RNG exactly as eager does, so a replayed RNG state gives
+    the classifier step's masks here too. If compiling fails (no C compiler, no Triton), one
+    line on stderr and eager from then on."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if self.compiled is not self.fn:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, options={"fallback_random": True})
+                return self.compiled(*args)
+            except Exception as e:  # torch's compile errors have no common base class
+                print(f"warning: torch.compile of {self.fn.__name__} failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120] if str(e) else ''}); running it eagerly", file=sys.stderr)
+                self.compiled = self.fn
+        return self.fn(*args)
 
 
 def has_checkpoint(path):

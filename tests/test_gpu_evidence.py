@@ -11,7 +11,7 @@ import torch
 
 import molere_cli
 import molere_io
-from test_molere import ROOT, write_cifar
+from helpers import ROOT, write_cifar
 from tools import pack
 
 

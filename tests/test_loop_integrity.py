@@ -4,13 +4,15 @@ uphill, a weight normalisation dropped in the look-ahead only, a splitter object
 term, the initial lr as the look-ahead step, a validation batch from all of S, a re-split keeping
 the wrong samples, MW-Net's loss with the wrong labels, noise "flipping" a label to itself)."""
 import copy
+from collections import defaultdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import molere
-from test_molere import fresh_seed, small_run
+import molere_data
+from helpers import fresh_seed, meta_grad_reference, small_run
 
 
 def flat(params):
@@ -33,13 +35,14 @@ def test_meta_step_moves_phi_down_the_reference_meta_gradient_at_the_scheduled_l
     eta = 0.5
     run.opt_meta = torch.optim.SGD(run.meta.parameters(), lr=eta)
     idx = molere.epoch_batches(run, cfg)[0]
-    x, y, h, rng, _, _ = molere.classifier_step(run, data, cfg, idx, molere.defaultdict(list), meta_next=True)
+    batch, _, _ = molere.classifier_step(run, data, cfg, idx, defaultdict(list), meta_next=True)
+    x, y, h, rng = batch
     meta_before, state = copy.deepcopy(run.meta), torch.get_rng_state()
-    molere.meta_step(run, data, cfg, x, y, h, rng, val_idx, molere.defaultdict(list))
+    molere.meta_step(run, data, cfg, batch, val_idx, defaultdict(list))
     torch.set_rng_state(state)  # the reference draws the same validation batch, from S_val
     vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,))]
     xv, yv = molere.get_batch(data, vi, augment=cfg.augment), data.y[vi]
-    _, ref = molere.meta_grad_reference(run.model, meta_before, x, y, h, xv, yv, alpha, rng, "batch")
+    _, ref = meta_grad_reference(run.model, meta_before, x, y, h, xv, yv, alpha, rng, "batch")
     step = flat(run.meta.parameters()) - flat(meta_before.parameters())
     assert flat(ref).norm() > 1e-7
     # float32, fast path against create_graph: about 1e-5 of the whole vector; a sign, a factor
@@ -61,7 +64,7 @@ def test_splitter_step_descends_specs_loss_on_the_right_images():
     eta = 0.3
     run.opt_split = torch.optim.SGD(run.splitter.parameters(), lr=eta)
     before, state = copy.deepcopy(run.splitter).double(), torch.get_rng_state()
-    molere.splitter_step(run, data, cfg, molere.defaultdict(list), val_idx)
+    molere.splitter_step(run, data, cfg, defaultdict(list), val_idx)
     torch.set_rng_state(state)
     B, n_val = cfg.batch_size, cfg.batch_size - cfg.batch_size // 2
     idx = torch.cat([val_idx[torch.randint(len(val_idx), (n_val,))], torch.randint(len(data.y), (B // 2,))])
@@ -112,7 +115,7 @@ def test_mwn_weight_net_sees_each_samples_loss_with_its_own_label():
     run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
     idx = molere.epoch_batches(run, cfg)[0]
     state = torch.get_rng_state()
-    x, y, h, _, w, _ = molere.classifier_step(run, data, cfg, idx, molere.defaultdict(list), meta_next=True)
+    (x, y, h, _), w, _ = molere.classifier_step(run, data, cfg, idx, defaultdict(list), meta_next=True)
     torch.set_rng_state(state)
     xb = molere.get_batch(data, idx, augment=cfg.augment)  # the same augmented images
     assert torch.equal(xb, x) and torch.equal(y, data.y[idx])
@@ -125,8 +128,86 @@ def test_mwn_weight_net_sees_each_samples_loss_with_its_own_label():
 @pytest.mark.parametrize("p", [0.2, 0.9])
 def test_uniform_noise_flips_to_another_class_at_the_stated_rate(p):
     y = torch.arange(10_000) % 10
-    noisy = molere.add_noise(y, f"uniform:{p}", 10)
+    noisy = molere_data.add_noise(y, f"uniform:{p}", 10)
     assert abs(float((noisy != y).float().mean()) - p) < 0.02
     moved = noisy[noisy != y] - y[noisy != y]
     counts = torch.bincount(moved % 10, minlength=10)
     assert counts[0] == 0 and counts[1:].min() > 0.7 * counts[1:].float().mean()  # every other class, evenly
+
+
+def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
+    """Through the real training loop: a meta-network that gives class 3 weight 0 (and is never
+    updated) must leave class 3 unlearnt while the other classes are learnt. A loop that ignored
+    the weights (the public course reproduction's bug) would learn class 3 like the rest."""
+    seed = fresh_seed()
+    cfg, data, run = small_run("lrw-random", seed)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
+    with torch.no_grad():  # logit -1e4 for class 3 whatever h is (sigmoid = 0), 0 for the others
+        first, last = run.meta.net[0], run.meta.net[2]
+        first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
+        first.weight[0, run.model.features + 3] = 1.0
+        last.weight[0, 0] = -1e4
+    run.opt_meta = torch.optim.SGD(run.meta.parameters(), lr=0.0)  # the meta step runs, changes nothing
+    for _ in range(cfg.epochs):
+        molere.train_epoch(run, data, cfg)
+    pred = molere.predict(run.model, data, data.x)[0].argmax(1)
+    recall = torch.stack([(pred[data.y == c] == c).float().mean() for c in range(data.classes)])
+    others = torch.cat([recall[:3], recall[4:]])
+    assert recall[3] < 0.02 and others.mean() > 0.5, recall
+
+
+@pytest.mark.parametrize("method", ["lrw-random", "lrw-easy", "lrw-hard", "molere"])
+def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatch, method):
+    seed = fresh_seed()
+    cfg, data, _ = small_run(method, seed, epochs=3)
+    seen = []
+    real_step = molere.classifier_step
+
+    def recording_step(run, data, cfg, idx, stats, meta_next=False):
+        seen.append((run.epoch, idx.clone(), run.val_mask.clone()))
+        return real_step(run, data, cfg, idx, stats, meta_next)
+
+    monkeypatch.setattr(molere, "classifier_step", recording_step)
+    erm = molere.WideResNet(10, 1, data.classes, 0.0)  # any model gives margins for the split
+    run = molere.Run(cfg, method, seed, data, torch.device("cpu"))
+    run.val_mask = molere.initial_split(method, data, cfg.delta, seed, erm)
+    molere.train(run, data, cfg)
+    assert len(seen) == cfg.epochs * 9  # 360 training images, batch 40
+    for epoch in range(cfg.epochs):
+        rows = [(idx, mask) for e, idx, mask in seen if e == epoch]
+        drawn = torch.cat([idx for idx, _ in rows])
+        mask = rows[0][1]
+        assert int(mask.sum()) == 40 and all(torch.equal(m, mask) for _, m in rows)
+        assert not mask[drawn].any(), f"epoch {epoch}: a validation image in a classifier batch"
+        assert len(drawn.unique()) == len(drawn) == int((~mask).sum())  # S_tr exactly once
+    if method == "molere":  # the splitter's re-splits changed S_val during the run
+        assert not torch.equal(seen[0][2], seen[-1][2])
+
+
+@pytest.mark.parametrize("splitter_data", ["val", "all"])
+def test_splitter_game_terms_see_only_validation_images(monkeypatch, splitter_data):
+    """SPEC section 2: CE and -l_val on images of the current S_val, the regularisers on images
+    drawn from S, in one forward of one batch (--splitter-data val); the old reading puts all
+    four terms on one batch of S."""
+    seed = fresh_seed()
+    cfg, data, run = small_run("molere", seed, splitter_data=splitter_data, batch_size=30)
+    run.val_mask = molere.random_split(data, cfg.delta, seed)
+    val_idx = run.val_mask.nonzero().squeeze(1)
+    seen, parts = [], {}
+    real_predict, real_game, real_reg = molere.predict, molere.splitter_game_terms, molere.splitter_regularizers
+    monkeypatch.setattr(molere, "predict", lambda net, d, x, chunk=1000: seen.append(x.clone()) or real_predict(net, d, x, chunk))
+    monkeypatch.setattr(molere, "splitter_game_terms", lambda logit, *a: parts.setdefault("game", len(logit)) and real_game(logit, *a))
+    monkeypatch.setattr(molere, "splitter_regularizers", lambda logit, *a: parts.setdefault("reg", len(logit)) and real_reg(logit, *a))
+    before = [p.clone() for p in run.splitter.parameters()]
+    molere.splitter_step(run, data, cfg, defaultdict(list), val_idx)
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.splitter.parameters()))
+    (x,) = seen  # one classifier forward for the whole step
+    val_images = {bytes(img.numpy()) for img in data.x[val_idx]}
+    in_val = torch.tensor([bytes(img.numpy()) in val_images for img in x])
+    assert len(x) == 30  # one forward of one batch
+    if splitter_data == "val":
+        assert parts == {"game": 15, "reg": 15} and in_val[:15].all()
+        assert not in_val[15:].all()  # the pool half is drawn from all of S (40 of 400 are S_val)
+    else:
+        assert parts == {"game": 30, "reg": 30} and not in_val.all()
+

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import molere
+import molere_data
 import molere_io
 import report
 from kernels import weighted_cross_entropy
-from test_molere import ROOT, TINY, SmoothNet, fresh_seed, run_main, small_run
+from helpers import ROOT, TINY, SmoothNet, fresh_seed, run_main, small_run
 
 
 def batches(classes=5, n=12, dtype=torch.float64):
@@ -170,7 +171,7 @@ def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):
                      "--out", str(out)] + TINY, capsys).out
     rows = {r["method"]: r for r in molere_io.read_results(str(out / "results.jsonl"))}
     assert "| l2rw (baseline) | 1 |" in text and "w_zero" in text
-    data = molere.load_data(molere.Config(dataset="synthetic", train_subset=200, noise="uniform:0.4",
+    data = molere_data.load_data(molere.Config(dataset="synthetic", train_subset=200, noise="uniform:0.4",
                                           meta_set="clean:20"), torch.device("cpu"))
     assert rows["l2rw"]["val_mask"] == data.meta_mask.nonzero().squeeze(1).tolist()
     assert rows["l2rw"]["log"][0]["steps"] == 9 and rows["l2rw"]["train_weights"] is None

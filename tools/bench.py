@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import molere
+import molere_data
 import molere_cli
 import molere_io
 
@@ -82,23 +83,28 @@ def profile_meta_step(cfg, rt, data, repeats=5):
     run.val_mask = molere.random_split(data, cfg.delta, 0)
     idx, val_idx = batches(run, cfg, 1)[0], run.val_mask.nonzero().squeeze(1)
     stats = defaultdict(list)
-    x, y, h, rng, _, _ = molere.classifier_step(run, data, cfg, idx, stats, meta_next=True)
+    batch, _, _ = molere.classifier_step(run, data, cfg, idx, stats, meta_next=True)
+    x, y, h, rng = batch
     grads = [p.grad.clone() for p in run.model.parameters()]
 
-    def lookahead():
+    losses, loss_jvp = ((molere_io.Compiled(molere.per_sample_losses), molere_io.Compiled(molere.loss_jvp))
+                        if rt.compile else (molere.per_sample_losses, molere.loss_jvp))
+
+    def lookahead():  # what weight_grad_fast does before its JVP
+        theta1 = {n: (p.detach() - cfg.lr * g).requires_grad_()
+                  for (n, p), g in zip(run.model.named_parameters(), grads)}
         with molere.autocast(rt.device):
-            molere.lookahead_val_grad(run.model, grads, cfg.lr, x, y, rt.compile)
+            torch.autograd.grad(losses(run.model, theta1, x, y).mean(), list(theta1.values()))
 
     def jvp():  # G stands in for v as the tangent: the same cost
         params = {n: p.detach() for n, p in run.model.named_parameters()}
-        loss_jvp = molere.compiled_loss_jvp if rt.compile else molere.loss_jvp
         with molere.autocast(rt.device), molere.replay_rng(rng, rt.device):
             loss_jvp(run.model, params, dict(zip(params, grads)), x, y)
 
     def meta():
         for p, g in zip(run.model.parameters(), grads):
             p.grad = g
-        molere.meta_step(run, data, cfg, x, y, h, rng, val_idx, stats)
+        molere.meta_step(run, data, cfg, batch, val_idx, stats)
 
     parts = {
         "classifier step (forward + backward)": lambda: molere.classifier_step(run, data, cfg, idx, stats),
@@ -138,7 +144,7 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rt = molere_cli.Runtime(device, compile=b.compile)
-    data = molere.load_data(cfg, device)
+    data = molere_data.load_data(cfg, device)
     steps = -(-b.steps // b.K) * b.K
     print(f"WRN-{b.depth}-{b.width}, batch {b.batch_size}, K={b.K}, {steps} timed steps, "
           f"{molere_io.device_name(device)}, torch {torch.__version__}")

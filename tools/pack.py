@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 import molere_io
-from molere import balanced_subset
+from molere_data import balanced_subset
 
 MAX_BYTES = 55_000_000  # what the GPU call can carry beside the checkout
 
 
 def balanced(y, n, classes, seed):
-    """n indices, n / classes of each class (molere.balanced_subset with its own seed), sorted."""
+    """n indices, n / classes of each class (molere_data.balanced_subset with its own seed), sorted."""
     if n % classes or n // classes > int(torch.bincount(y, minlength=classes).min()):
         raise molere_io.DataError(f"cannot take {n} images as {classes} equal classes from {len(y)} "
                                   f"(need a multiple of {classes}, at most {classes} x the smallest class)")

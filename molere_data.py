@@ -1,0 +1,119 @@
+"""
+The pool S and the untouched test split that a run trains and is tested on, each choice fixed
+for every seed and method (SPEC sections 5, 6 and 8): the source (a synthetic demo set made in
+memory, CIFAR-10/100, the packed CIFAR-10 subset), a class-balanced subset, class skew (the
+paper's Table 2), label noise (Table 3 and the noisy-label anchor) and a clean meta set. What
+training does with it (GPU-resident batches, crop and flip) is molere.get_batch.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from molere_io import DataError, load_cifar, load_packed
+
+
+def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled=0.08, seed=1234):
+    """A learnable CIFAR-shaped set made in memory (same for every training seed): each
+    class is a smooth colour pattern; a `hard` fraction of images blends in another class
+    (near the boundary), and a `mislabelled` fraction of TRAINING labels is flipped."""
+    g = torch.Generator().manual_seed(seed)
+    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=g), size=32, mode="bilinear",
+                           align_corners=False)
+
+    def sample(n, flip):
+        y = torch.arange(n) % classes
+        y = y[torch.randperm(n, generator=g)]
+        other = (y + torch.randint(1, classes, (n,), generator=g)) % classes
+        mix = torch.where(torch.rand(n, generator=g) < hard,
+                          0.5 + 0.15 * torch.rand(n, generator=g), torch.ones(n))[:, None, None, None]
+        x = mix * protos[y] + (1 - mix) * protos[other] + 0.12 * torch.randn(n, 3, 32, 32, generator=g)
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        if flip:
+            bad = torch.rand(n, generator=g) < mislabelled
+            y = torch.where(bad, (y + torch.randint(1, classes, (n,), generator=g)) % classes, y)
+        return x, y
+
+    return (*sample(n_train, True), *sample(n_test, False), classes)
+
+
+def balanced_subset(y, n, classes, seed=0):
+    """A fixed class-balanced subset of n indices (same for every seed and method)."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    ys = y[perm]
+    rank = torch.zeros_like(ys)
+    for c in range(classes):
+        m = ys == c
+        rank[m] = torch.arange(int(m.sum()))
+    return perm[rank < math.ceil(n / classes)][:n].sort().values
+
+
+def long_tail(y, rho, classes):
+    """Indices of a long-tailed pool: class c keeps n_c = n_max * rho^(-c/(C-1)) of its images
+    (class 0 largest), chosen by a fixed permutation, the same for every seed and method."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    n_max = int(torch.bincount(y, minlength=classes).min())
+    keep = [perm[y[perm] == c][:max(1, int(n_max * rho ** (-c / max(classes - 1, 1))))] for c in range(classes)]
+    return torch.cat(keep).sort().values
+
+
+def add_noise(y, noise, classes):
+    """Label noise, drawn once with a fixed generator: `uniform:p` moves a p-fraction of labels
+    to another class chosen uniformly, `pair:p` to the next class. Returns the new labels."""
+    kind, p = noise.split(":")
+    g = torch.Generator().manual_seed(2)
+    flip = torch.rand(len(y), generator=g) < float(p)
+    shift = torch.randint(1, classes, (len(y),), generator=g) if kind == "uniform" else torch.ones_like(y)
+    return torch.where(flip, (y + shift) % classes, y)
+
+
+@dataclass
+class Data:
+    x: torch.Tensor        # pool S, uint8 (N, 3, 32, 32), on the device
+    y: torch.Tensor        # int64 (N,), the labels training sees (noisy under --noise)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: int
+    mean: torch.Tensor     # per-channel pixel statistics of S, for normalisation
+    std: torch.Tensor
+    y_true: torch.Tensor   # labels before --noise (= y without it)
+    meta_mask: torch.Tensor = None  # --meta-set clean:N: the fixed clean S_val
+    noisy: torch.Tensor = None      # --noise: which labels of S it flipped (y != y_true)
+
+
+def load_data(cfg, device, data_root="data", download=True):
+    """The pool S (subset, class skew, noise, clean meta set: each fixed for every seed) and the
+    untouched test split, on the device."""
+    if cfg.dataset == "synthetic":
+        x, y, xt, yt, classes = make_synthetic()
+    elif cfg.dataset == "packed":
+        x, y, xt, yt, classes = load_packed(data_root)
+    else:
+        x, y, xt, yt, classes = load_cifar(data_root, cfg.dataset, download)
+    if cfg.train_subset:
+        if cfg.train_subset > len(y):
+            raise DataError(f"--train-subset {cfg.train_subset} exceeds the {len(y)} training images")
+        keep = balanced_subset(y, cfg.train_subset, classes)
+        x, y = x[keep], y[keep]
+    if cfg.imbalance > 1:
+        keep = long_tail(y, cfg.imbalance, classes)
+        x, y = x[keep], y[keep]
+    y_true = y
+    if cfg.noise != "none":
+        y = add_noise(y, cfg.noise, classes)
+    meta_mask = None
+    if cfg.meta_set != "split":
+        n = int(cfg.meta_set.split(":")[1])
+        counts = torch.bincount(y_true, minlength=classes)
+        if n < classes or n > int(counts.min()) * classes // 2:
+            raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
+                            f"{int(counts.min()) * classes // 2} (half the smallest class, times {classes})")
+        meta_mask = torch.zeros(len(y), dtype=torch.bool)
+        meta_mask[balanced_subset(y_true, n, classes)] = True
+        y = torch.where(meta_mask, y_true, y)  # the meta set keeps its true labels
+    xf = x.float() / 255
+    mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
+    dev = lambda t: None if t is None else t.to(device)
+    return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
+                dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None)
