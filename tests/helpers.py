@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import molere
-import molere_data
 import molere_cli
+import molere_data
 from kernels import weighted_cross_entropy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import molere
-import molere_data
 import molere_cli
+import molere_data
 import molere_io
 from helpers import ROOT, TINY, fresh_seed, run_main, write_cifar
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import molere
-import molere_data
 import molere_cli
+import molere_data
 import molere_io
 
 
