@@ -77,3 +77,19 @@ def test_compare_names_what_each_pilot_changes_and_reads_its_own_record(tmp_path
     assert cells[0][3] == "2.500" and cells[1][3] == "1.900"  # the last epoch's clean meta-set loss
     assert cells[1][4] == "0.81 (2) / 0.81" and cells[1][5] == "0.10 (2)"
     assert cells[1][6] == "25.0 / 50.0" and cells[1][8] == "+3.50" and cells[0][8] == "-1.00"
+
+
+def test_meta_signal_measures_each_weight_net(tmp_path, capsys, monkeypatch):
+    """tools/meta_signal on a tiny noisy run: one row per weight net and epoch; with one batch
+    pair the consistency ||mean d|| / mean ||d|| is exactly 1, and the AUC and alignment are
+    proper fractions and cosines."""
+    from tools import meta_signal
+    monkeypatch.setattr("sys.argv", ["meta_signal", "--at-epochs", "1", "--batches", "1", "--", "--dataset",
+                                     "synthetic", "--train-subset", "200", "--depth", "10", "--width", "1",
+                                     "--epochs", "2", "--batch-size", "20", "--noise", "uniform:0.4",
+                                     "--meta-set", "clean:20", "--hidden", "8", "--out", str(tmp_path)])
+    meta_signal.main()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[3] for r in rows] == list(meta_signal.NETS)
+    for r in rows:
+        assert float(r[4]) == 1.0 and 0 <= float(r[2]) <= 1 and -1 <= float(r[5]) <= 1
