@@ -126,7 +126,8 @@ class Config:
     imbalance: float = knob(1.0, "class skew rho of the pool: n_c = n_max * rho^(-c/(C-1)), class 0 largest "
                                  "(1: as given)")
     noise: str = knob("none", "label noise on the pool, fixed for every seed: none | uniform:p (to another "
-                              "class, uniformly) | pair:p (to the next class)")
+                              "class, uniformly) | pair:p (to the next class) | instance:p (Xia et al. "
+                              "2020: whether and where a label moves depends on the image)")
     meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images with "
                                   "their true labels: every reweighting method's fixed S_val but MOLERE's)")
 

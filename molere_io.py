@@ -79,8 +79,8 @@ def config_problem(cfg):
         (0 <= cfg.dropout < 1 and cfg.warmup_epochs >= 0 and cfg.train_subset >= 0,
          "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"),
         (1 <= cfg.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {cfg.imbalance}"),
-        (cfg.noise == "none" or (noise in ("uniform", "pair") and 0 < (_number(p) or 0) < 1),
-         f"--noise must be none, uniform:p or pair:p with p in (0, 1), got {cfg.noise!r}"),
+        (cfg.noise == "none" or (noise in ("uniform", "pair", "instance") and 0 < (_number(p) or 0) < 1),
+         f"--noise must be none, uniform:p, pair:p or instance:p with p in (0, 1), got {cfg.noise!r}"),
         (cfg.meta_set == "split" or (meta == "clean" and n.isdigit() and int(n) > 0),
          f"--meta-set must be split or clean:N with N >= 1, got {cfg.meta_set!r}"),
     ]

@@ -306,7 +306,7 @@ def test_class_skew_profile():
     assert all(bytes(img.numpy()) in pool for img in data.x) and torch.equal(data.y_test, plain.y_test)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "pair"])
+@pytest.mark.parametrize("kind", ["uniform", "pair", "instance"])
 def test_label_noise_and_the_clean_meta_set(kind):
     cfg = molere.Config(dataset="synthetic", train_subset=1000, noise=f"{kind}:0.4", meta_set="clean:50")
     data = molere_data.load_data(cfg, torch.device("cpu"))
@@ -328,3 +328,29 @@ def test_resnet32_has_the_papers_size_and_returns_features():
     logits, h = model(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 10) and h.shape == (3, model.features)
 
+
+
+def test_instance_noise_depends_on_the_image():
+    """--noise instance:p (Xia et al. 2020): the flip rate is p, no label "flips" to itself, and
+    where a label moves is the image's own: the flipped copies of one image agree on their new
+    class (uniform noise, the contrast, scatters them), while the images of one class move to
+    more than one class (not pair noise)."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    copies, n = 20, 500
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).repeat(copies, 1, 1, 1)
+    y = (torch.arange(n) % 10).repeat(copies)
+
+    def agreement(noisy):  # per image with 2+ flipped copies: the share of them at its commonest new class
+        shares = []
+        for i in range(n):
+            moved = noisy[i::n][noisy[i::n] != y[i]]
+            if len(moved) > 1:
+                shares.append(torch.bincount(moved, minlength=10).max() / len(moved))
+        return float(torch.stack(shares).mean())
+
+    noisy = molere_data.add_noise(y, "instance:0.4", 10, x)
+    assert abs(float((noisy != y).float().mean()) - 0.4) < 0.02  # 10,000 draws: 4 standard deviations
+    assert agreement(noisy) > 0.9 > 0.5 > agreement(molere_data.add_noise(y, "uniform:0.4", 10))
+    for c in range(10):
+        moved = noisy[(y == c) & (noisy != y)]
+        assert (moved != c).all() and len(moved.unique()) >= 2
