@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import weighted_cross_entropy
-from molere_io import Compiled, ConfigError, config_problem
+from molere_io import Compiled, ConfigError, config_problem, load_torchvision
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -122,7 +123,10 @@ class Config:
     augment: bool = knob(True, "random crop and flip for training and validation batches")
     # the paper's other settings (its Tables 2 and 3) and the MW-Net baseline
     arch: str = knob("wrn", "wrn (Wide-ResNet --depth/--width/--dropout) | resnet32 (He et al.'s CIFAR "
-                            "ResNet-32, 0.46M parameters, as the class-skew and noise literature uses)")
+                            "ResNet-32, 0.46M parameters, as the class-skew and noise literature uses) | "
+                            "tv:NAME (a torchvision model, e.g. tv:resnet18, tv:resnet50, tv:vit_b_16)")
+    weights: str = knob("", "--arch tv:NAME: a local file with the model's pretrained state_dict (head "
+                            "included; the head is then replaced for the class count)")
     imbalance: float = knob(1.0, "class skew rho of the pool: n_c = n_max * rho^(-c/(C-1)), class 0 largest "
                                  "(1: as given)")
     noise: str = knob("none", "label noise on the pool, fixed for every seed: none | uniform:p (to another "
@@ -248,9 +252,29 @@ class ResNet32(nn.Module):
         return self.fc(h), h
 
 
+class Torchvision(nn.Module):
+    """--arch tv:NAME: any torchvision classifier with its last Linear (the head) replaced by one
+    for our classes; forward returns (logits, h) with h the penultimate features, so g_phi and
+    the splitter work unchanged. `body` is the model as built (and loaded) with its own head."""
+
+    def __init__(self, body, classes):
+        super().__init__()
+        name, head = [(n, m) for n, m in body.named_modules() if isinstance(m, nn.Linear)][-1]
+        parent = body.get_submodule(name.rpartition(".")[0])
+        setattr(parent, name.rpartition(".")[2], nn.Identity())
+        self.body, self.features = body, head.in_features
+        self.fc = nn.Linear(head.in_features, classes)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h), h
+
+
 def make_model(cfg, classes):
     if cfg.arch == "resnet32":
         return ResNet32(classes)
+    if cfg.arch.startswith("tv:"):
+        return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights), classes)
     return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
 
 
@@ -411,8 +435,10 @@ def replay_rng(state, device):
 
 def per_sample_losses(model, params, x, y):
     """l_i at the given parameters, BatchNorm statistics on copies. Works with any classifier
-    whose forward returns logits or a tuple that starts with them."""
-    out = functional_call(model, {**params, **cloned_buffers(model)}, (x,))
+    whose forward returns logits or a tuple that starts with them. Attention (a ViT's) runs its
+    plain math kernel: the fused ones have no forward-mode or double-backward derivative."""
+    with sdpa_kernel(SDPBackend.MATH):
+        out = functional_call(model, {**params, **cloned_buffers(model)}, (x,))
     logits = out[0] if isinstance(out, tuple) else out
     return F.cross_entropy(logits, y, reduction="none")  # fp32 under autocast
 

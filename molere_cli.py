@@ -19,8 +19,8 @@ import torch
 from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
                     margins, meta_input, per_class_topk, predict, rng_state, train)
 from molere_data import load_data
-from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, make_writable_folder,
-                       read_checkpoint, read_results, run_lock, write_checkpoint)
+from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
+                       make_writable_folder, read_checkpoint, read_results, run_lock, write_checkpoint)
 from report import auc, report_table
 
 
@@ -35,7 +35,7 @@ class Runtime:
 
 # Config fields added after results were recorded: left out of a run's identity while at their
 # defaults, so earlier records and checkpoints still match.
-LATER = ("arch", "imbalance", "noise", "meta_set", "meta_input")
+LATER = ("arch", "imbalance", "noise", "meta_set", "meta_input", "weights")
 
 
 def config_record(cfg):
@@ -319,6 +319,10 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                   f"({result['wall_time_s']:.0f}s)", flush=True)
 
 
+def model_name(cfg):
+    return {"wrn": f"WRN-{cfg.depth}-{cfg.width}", "resnet32": "ResNet-32"}.get(cfg.arch, cfg.arch)
+
+
 def setup(argv=None):
     """Everything checked before any work: the flags (Config), then the data, the split sizes,
     existing checkpoints and --out. Returns (args, cfg, rt, data); bad input ends in one line."""
@@ -348,6 +352,8 @@ def setup(argv=None):
         rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
         if args.report:
             return args, cfg, rt, None
+        if cfg.weights:  # a file that does not fit the model: refused now, not at the first run
+            load_torchvision(cfg.arch[3:], cfg.weights)
         data = load_data(cfg, device, args.data_root, not args.no_download)
         check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
         make_writable_folder(rt.out, "--out")
@@ -372,7 +378,7 @@ def main(argv=None, handle_sigterm=False):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
-          f"WRN-{cfg.depth}-{cfg.width} on {device_name(rt.device)}; config {config_hash(cfg)}; "
+          f"{model_name(cfg)} on {device_name(rt.device)}; config {config_hash(cfg)}; "
           f"results -> {results_path}", flush=True)
     try:
         run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after))

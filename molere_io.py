@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import torch
+import torchvision
 
 
 class UserError(Exception):
@@ -62,7 +63,12 @@ def config_problem(cfg):
         (0 < cfg.delta <= 0.5, f"--delta must be in (0, 0.5], got {cfg.delta}"),
         (cfg.K >= 1, f"--K must be at least 1, got {cfg.K}"),
         choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
-        choice("splitter_data", ("val", "all")), choice("arch", ("wrn", "resnet32")),
+        choice("splitter_data", ("val", "all")),
+        (cfg.arch in ("wrn", "resnet32") or
+         cfg.arch.startswith("tv:") and cfg.arch[3:] in torchvision.models.list_models(),
+         f"--arch must be wrn, resnet32 or tv:NAME with NAME a torchvision model (tv:resnet18, tv:resnet50, "
+         f"tv:vit_b_16, ...), got {cfg.arch!r}"),
+        (not cfg.weights or cfg.arch.startswith("tv:"), "--weights is for --arch tv:NAME only"),
         choice("meta_input", ("features", "features+loss")),
         (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0,
          f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {cfg.depth}"),
@@ -105,7 +111,6 @@ def find_cifar(root, name):
 
 def download_cifar(root, name):
     """torchvision's download helper, with its URL and MD5 checksum. Returns an error or None."""
-    import torchvision
     tv = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     print(f"{name}: not under {root}, downloading with torchvision (MD5-checked) ...", flush=True)
     old = socket.getdefaulttimeout()
@@ -222,6 +227,24 @@ class Compiled:
                       f"{str(e).splitlines()[0][:120] if str(e) else ''}); running it eagerly", file=sys.stderr)
                 self.compiled = self.fn
         return self.fn(*args)
+
+
+def load_torchvision(name, weights=""):
+    """torchvision model NAME with its own head, its pretrained state_dict loaded from the local
+    file `weights` if given (nothing is downloaded). A ViT is built for 32 x 32 images unless
+    weights say otherwise; a file that does not fit the model is refused in one line."""
+    kwargs = {"image_size": 32} if name.startswith("vit") and not weights else {}
+    model = torchvision.models.get_model(name, **kwargs)
+    if weights:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except FileNotFoundError:
+            raise DataError(f"--weights {weights}: no such file") from None
+        except Exception as e:
+            first = " ".join(str(e).split())[:200] or type(e).__name__
+            raise DataError(f"--weights {weights} does not fit tv:{name}: {first}") from None
+    return model
 
 
 def has_checkpoint(path):

@@ -72,6 +72,12 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
 
 BAD = [
     (["--method", "lrw-medium"], "unknown --method"),
+    (["--arch", "resnet18"], "--arch must be wrn, resnet32 or tv:NAME"),
+    (["--arch", "tv:resnet9000"], "--arch must be wrn, resnet32 or tv:NAME"),
+    (["--weights", "w.pt"], "--weights is for --arch tv:NAME only"),
+    (["--arch", "tv:resnet18", "--weights", "/nonexistent/w.pt"], "no such file"),
+    (["--noise", "instance:1.5"], "--noise must be none, uniform:p, pair:p or instance:p"),
+    (["--meta-input", "loss"], "--meta-input must be features or features+loss"),
     (["--dataset", "mnist"], "unknown --dataset"),
     (["--delta", "0"], "--delta must be in (0, 0.5]"),
     (["--delta", "0.6"], "--delta must be in (0, 0.5]"),
@@ -328,3 +334,28 @@ def test_a_plan_launched_twice_trains_each_run_once(tmp_path):
         assert sorted(trained) == [0, 1] and [t + a for t, a in zip(trained, accounted)] == [1, 1], (method, outs)
     assert not list(tmp_path.glob("*.tmp*"))
 
+
+
+def test_pretrained_torchvision_weights_from_a_local_file(tmp_path, capsys):
+    """--arch tv:resnet18 --weights FILE: the file's tensors are in the model that trains (its own
+    head replaced for our classes), a run goes end to end, and a file made for another model is
+    refused in one line before any training."""
+    import torchvision
+    torch.manual_seed(fresh_seed())
+    good, bad = tmp_path / "r18.pt", tmp_path / "r34.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), good)
+    torch.save(torchvision.models.resnet34().state_dict(), bad)
+    cfg = molere.Config(dataset="synthetic", arch="tv:resnet18", weights=str(good))
+    model = molere.make_model(cfg, 10)
+    saved = torch.load(good, weights_only=True)
+    assert torch.equal(model.body.conv1.weight, saved["conv1.weight"]) and model.fc.out_features == 10
+    assert isinstance(model.body.fc, torch.nn.Identity) and model.features == 512
+    out = tmp_path / "out"
+    argv = ["--dataset", "synthetic", "--train-subset", "100", "--arch", "tv:resnet18", "--epochs", "1",
+            "--batch-size", "20", "--method", "lrw-random", "--out", str(out)]
+    run_main(argv + ["--weights", str(good)], capsys)
+    assert len(molere_io.read_results(str(out / "results.jsonl"))) == 1
+    with pytest.raises(SystemExit) as e:
+        molere_cli.main(argv + ["--weights", str(bad), "--out", str(tmp_path / "out2")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "does not fit tv:resnet18" in err, err

@@ -354,3 +354,31 @@ def test_instance_noise_depends_on_the_image():
     for c in range(10):
         moved = noisy[(y == c) & (noisy != y)]
         assert (moved != c).all() and len(moved.unique()) >= 2
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_torchvision_backbones_keep_the_meta_gradient_exact(name):
+    """--arch tv:NAME: a torchvision ResNet-18 and a (tiny) torchvision ViT behind molere.Torchvision
+    return (logits for our classes, penultimate h), and SPEC section 7's g is the same by the fast
+    path (one JVP; attention through its math kernel) as by create_graph, in float64."""
+    import torchvision
+    fresh_seed()
+    classes, n = 5, 6
+    body = (torchvision.models.resnet18() if name == "resnet18" else
+            torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32))
+    model = molere.Torchvision(body, classes).double()
+    x, xv = torch.randn(n, 3, 16, 16, dtype=torch.float64), torch.randn(n, 3, 16, 16, dtype=torch.float64)
+    y, yv = torch.randint(0, classes, (n,)), torch.randint(0, classes, (n,))
+    logits, h = model(x)
+    assert logits.shape == (n, classes) and h.shape == (n, model.features)
+    w = torch.rand(n, dtype=torch.float64) + 0.5
+    rng = molere.rng_state(torch.device("cpu"))
+    with molere.replay_rng(rng, x.device):
+        loss = weighted_cross_entropy(model(x)[0], y, w)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    fast_val, fast = molere.weight_grad_fast(model, x, y, grads, xv, yv, 0.1, rng)
+    ref_val, ref = molere.weight_grad_reference(model, x, y, w, xv, yv, 0.1, rng)
+    assert fast_val.item() == pytest.approx(ref_val.item(), rel=1e-12)
+    assert ref.abs().sum() > 1e-10
+    torch.testing.assert_close(fast, ref, rtol=1e-7, atol=1e-13)
