@@ -33,15 +33,16 @@ class Runtime:
     compile: bool = False    # torch.compile the classifier's steps, evaluation and the fast meta step
     eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
 
-# Config fields added after results were recorded: left out of a run's identity while at their
-# defaults, so earlier records and checkpoints still match.
-LATER = ("arch", "imbalance", "noise", "meta_set", "meta_input", "weights")
+# Config fields added after results were recorded, with the value every earlier run had: left out
+# of a run's identity at that value (what a record without the key means), so earlier records and
+# checkpoints still match, even should a default change later.
+LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="")
 
 
 def config_record(cfg):
     """What a checkpoint or result line holds of the Config, and what identifies a run."""
     d = json.loads(json.dumps(asdict(cfg)))
-    return {k: v for k, v in d.items() if k not in LATER or v != Config.__dataclass_fields__[k].default}
+    return {k: v for k, v in d.items() if k not in LATER or v != LATER[k]}
 
 
 def config_hash(cfg):

@@ -309,6 +309,8 @@ def test_fields_added_later_keep_earlier_configs_identity():
     noisy = molere.Config(dataset="synthetic", depth=10, width=1, noise="pair:0.2")
     assert molere_cli.config_record(noisy)["noise"] == "pair:0.2"
     assert molere_cli.config_hash(noisy) != molere_cli.config_hash(cfg)
+    loss = molere.Config(dataset="synthetic", depth=10, width=1, meta_input="features+loss")
+    assert molere_cli.config_record(loss)["meta_input"] == "features+loss"
 
 
 def test_a_plan_launched_twice_trains_each_run_once(tmp_path):

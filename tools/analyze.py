@@ -31,6 +31,7 @@ import statistics
 import torch
 
 import molere
+import molere_cli
 import molere_io
 import report
 
@@ -193,8 +194,8 @@ def compare_table(files):
     if not runs:
         raise SystemExit(f"analyze: error: no results in {', '.join(files)}")
     base = runs[0][0]["config"]
-    default = lambda k: molere.Config.__dataclass_fields__[k].default
-    changed = lambda c: ", ".join(f"{k} {v}" for k, v in c.items() if base.get(k, default(k)) != v) or "the study's"
+    changed = lambda c: ", ".join(f"{k} {v}" for k, v in c.items()
+                                  if base.get(k, molere_cli.LATER.get(k)) != v) or "the study's"
     erm = {r["seed"]: r["test_acc"] for r, path in runs if r["method"] == "erm" and path == files[0]}
     varied = {r["method"] for r, path in runs if path != files[0]}
     head = ["method", "seed", "config (against the first file's)", "clean meta-set loss, last epoch",
