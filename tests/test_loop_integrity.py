@@ -145,7 +145,7 @@ def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
     with torch.no_grad():  # logit -1e4 for class 3 whatever h is (sigmoid = 0), 0 for the others
         first, last = run.meta.net[0], run.meta.net[2]
         first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
-        first.weight[0, run.model.features + 3] = 1.0
+        first.weight[0, run.meta.features + run.meta.extra + 3] = 1.0  # the one-hot of class 3
         last.weight[0, 0] = -1e4
     run.opt_meta = torch.optim.SGD(run.meta.parameters(), lr=0.0)  # the meta step runs, changes nothing
     for _ in range(cfg.epochs):
