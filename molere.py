@@ -112,9 +112,9 @@ class Config:
     meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
     hidden: int = knob(100, "hidden units of the meta-network and the splitter")
-    meta_input: str = knob("features+loss", "what our meta-network g_phi sees: features+loss ([h(x), onehot(y)] "
-                                            "and the sample's detached loss) | features ([h(x), onehot(y)] "
-                                            "only, the default before 2026-11-29; RESULTS section 7)")
+    meta_input: str = knob("features+loss", "what our meta-network g_phi sees: features+loss ([h(x), "
+                                            "onehot(y)] and the sample's detached loss) | features ([h(x), "
+                                            "onehot(y)] only: before 2026-11-29; RESULTS section 7)")
     warmup_epochs: int = knob(25, "MOLERE: epochs on a random split before the splitter's")
     resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
     lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
