@@ -300,17 +300,19 @@ def test_noisy_labels_with_a_clean_meta_set_end_to_end(tmp_path, capsys):
 
 
 def test_fields_added_later_keep_earlier_configs_identity():
-    """Records and checkpoints made before a field existed must still match while it is at its
-    default; a non-default value is part of the identity."""
-    cfg = molere.Config(dataset="synthetic", depth=10, width=1)
+    """Records and checkpoints made before a field existed must still match while it has the value
+    every earlier run had (a record without the key means that value, also after a default
+    changed); any other value is part of the identity."""
+    cfg = molere.Config(dataset="synthetic", depth=10, width=1, meta_input="features")
     stored = molere_cli.config_record(cfg)
-    assert not set(molere_cli.LATER) & set(stored)
-    assert molere_cli.config_hash(molere.Config(**stored)) == molere_cli.config_hash(cfg)
+    assert not set(molere_cli.LATER) & set(stored)  # all at what earlier runs had: left out
+    assert molere_cli.config_hash(molere.Config(**{**molere_cli.LATER, **stored})) == molere_cli.config_hash(cfg)
     noisy = molere.Config(dataset="synthetic", depth=10, width=1, noise="pair:0.2")
     assert molere_cli.config_record(noisy)["noise"] == "pair:0.2"
     assert molere_cli.config_hash(noisy) != molere_cli.config_hash(cfg)
-    loss = molere.Config(dataset="synthetic", depth=10, width=1, meta_input="features+loss")
-    assert molere_cli.config_record(loss)["meta_input"] == "features+loss"
+    default = molere.Config(dataset="synthetic", depth=10, width=1)  # a default changed since: in the identity
+    assert molere_cli.config_record(default)["meta_input"] == "features+loss"
+    assert molere_cli.config_hash(default) != molere_cli.config_hash(cfg)
 
 
 def test_a_plan_launched_twice_trains_each_run_once(tmp_path):
@@ -353,7 +355,7 @@ def test_pretrained_torchvision_weights_from_a_local_file(tmp_path, capsys):
     assert torch.equal(model.body.conv1.weight, saved["conv1.weight"]) and model.fc.out_features == 10
     assert isinstance(model.body.fc, torch.nn.Identity) and model.features == 512
     out = tmp_path / "out"
-    argv = ["--dataset", "synthetic", "--train-subset", "100", "--arch", "tv:resnet18", "--epochs", "1",
+    argv = ["--dataset", "synthetic", "--train-subset", "200", "--arch", "tv:resnet18", "--epochs", "1",
             "--batch-size", "20", "--method", "lrw-random", "--out", str(out)]
     run_main(argv + ["--weights", str(good)], capsys)
     assert len(molere_io.read_results(str(out / "results.jsonl"))) == 1
