@@ -260,7 +260,10 @@ class Torchvision(nn.Module):
 
     def __init__(self, body, classes):
         super().__init__()
-        name, head = [(n, m) for n, m in body.named_modules() if isinstance(m, nn.Linear)][-1]
+        heads = [(n, m) for n, m in body.named_modules() if isinstance(m, nn.Linear)]
+        if not heads:
+            raise ConfigError(f"--arch tv:{type(body).__name__} has no Linear head to replace")
+        name, head = heads[-1]
         parent = body.get_submodule(name.rpartition(".")[0])
         setattr(parent, name.rpartition(".")[2], nn.Identity())
         self.body, self.features = body, head.in_features

@@ -73,8 +73,8 @@ def add_noise(y, noise, classes, x=None):
 
 def instance_noise(x, y, p, classes, g):
     """Instance-dependent label noise as Xia et al. generate it ("Part-dependent label noise:
-    towards instance-dependent label noise", NeurIPS 2020, Algorithm 2; the generator behind
-    most "Inst. CIFAR-10" results):
+    towards instance-dependent label noise", NeurIPS 2020; the generator the instance-noise
+    literature commonly reuses):
       1. a flip rate q_i per image from N(p, 0.1^2) truncated to [0, 1];
       2. per class c a random projection W_c of shape (S, C), entries N(0, 1), S = 3 * 32 * 32;
       3. for image x_i (flattened, scaled to [0, 1]) with label y_i: scores x_i W_{y_i}, the

@@ -32,7 +32,7 @@ NETS = {"[h, y]": ("lrw-random", "features"), "[h, y, loss]": ("lrw-random", "fe
         "loss (MW-Net)": ("mwn", "features")}
 
 
-def weights_of(run, data, cfg, idx):
+def weights_of(run, data, idx):
     """w~ of the images S[idx] (eval-mode features and loss, as a fixed classifier sees them),
     differentiable in phi."""
     with torch.no_grad():
@@ -46,7 +46,7 @@ def measure(run, data, cfg, pairs):
     phi = list(run.meta.parameters())
     train_idx = (~run.val_mask).nonzero().squeeze(1)
     noisy = data.noisy[train_idx]
-    w = weights_of(run, data, cfg, train_idx)
+    w = weights_of(run, data, train_idx)
     gap = w[noisy].mean() - w[~noisy].mean()  # what a good step lowers
     ideal = torch.cat([t.flatten() for t in torch.autograd.grad(gap, phi)])
     d, gs = [], []
