@@ -89,7 +89,10 @@ class Config:
     standard recipe. Stored with every checkpoint and result (molere_cli.config_record); every
     field is a CLI flag."""
     dataset: str = knob("cifar100", "synthetic | cifar10 | cifar100 | packed (the CIFAR-10 subset that "
-                                    "tools/pack.py writes to --data-root, for a GPU machine)")
+                                    "tools/pack.py writes to --data-root, for a GPU machine) | folder:PATH "
+                                    "(PATH/train/<class>/* and PATH/test/<class>/*, read from disk)")
+    image_size: int = knob(224, "--dataset folder:PATH: the side of the images the network sees (ImageNet's "
+                                "transforms: random resized crop and flip; resize and centre crop to test)")
     train_subset: int = knob(0, "train on a fixed class-balanced subset of this many images (0: all of S)")
     # classifier: Wide-ResNet and the standard CIFAR recipe (SPEC section 6)
     depth: int = knob(28, "Wide-ResNet depth, 6n+4")
@@ -133,8 +136,10 @@ class Config:
     noise: str = knob("none", "label noise on the pool, fixed for every seed: none | uniform:p (to another "
                               "class, uniformly) | pair:p (to the next class) | instance:p (Xia et al. "
                               "2020: whether and where a label moves depends on the image)")
-    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images with "
-                                  "their true labels: every reweighting method's fixed S_val but MOLERE's)")
+    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images of S with "
+                                  "their true labels) | folder:PATH (PATH/<class>/*, classes named as in "
+                                  "training: images from outside S, the paper's Table 4): every reweighting "
+                                  "method's fixed S_val but MOLERE's")
 
     def __post_init__(self):  # numbers as the CLI gives them, so Config(dropout=0) is Config(dropout=0.0)
         for f in fields(self):
@@ -151,8 +156,12 @@ class Config:
 
 def get_batch(data, idx, augment, x=None):
     """uint8 images -> normalised float batch on the device; random crop (reflect pad 4)
-    and horizontal flip done for the whole batch at once, no DataLoader."""
-    x = (data.x if x is None else x)[idx].float()
+    and horizontal flip done for the whole batch at once, no DataLoader. Images in a folder
+    (--dataset folder:PATH, molere_data.FolderImages) are read from disk and transformed there."""
+    source = data.x if x is None else x
+    if not torch.is_tensor(source):
+        return source.load(idx, augment)
+    x = source[idx].float()
     if augment:
         b, c, h, w = x.shape
         x = F.pad(x, (4, 4, 4, 4), mode="reflect")
@@ -606,7 +615,11 @@ def batch_stats(stats, run, w, losses):
 
 
 def validation_batch(run, data, cfg, val_idx):
-    """B images drawn with replacement from S_val, augmented like training batches."""
+    """B images drawn with replacement from S_val, augmented like training batches. S_val is
+    `val_idx` of S, or for every method but MOLERE a meta set from outside S (--meta-set folder:)."""
+    if data.x_meta is not None and run.spec.split != "splitter":
+        vi = torch.randint(len(data.y_meta), (cfg.batch_size,), device=run.device)
+        return get_batch(data, vi, augment=cfg.augment, x=data.x_meta), data.y_meta[vi]
     vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)]
     return get_batch(data, vi, augment=cfg.augment), data.y[vi]
 
@@ -721,7 +734,10 @@ def train_steps(run, data, cfg, batches):
 
 
 def train_epoch(run, data, cfg):
-    return train_steps(run, data, cfg, epoch_batches(run, cfg))
+    batches = epoch_batches(run, cfg)
+    if not torch.is_tensor(data.x):  # images on disk: read the epoch's batches ahead, in this order
+        data.x.expect(batches, cfg.augment)
+    return train_steps(run, data, cfg, batches)
 
 # ----------------------------------------------------------------------------- the splits
 

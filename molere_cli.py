@@ -36,7 +36,8 @@ class Runtime:
 # Config fields added after results were recorded, with the value every earlier run had: left out
 # of a run's identity at that value (what a record without the key means), so earlier records and
 # checkpoints still match, even should a default change later.
-LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="")
+LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="",
+             image_size=224)
 
 
 def config_record(cfg):
@@ -52,7 +53,14 @@ def config_hash(cfg):
 
 
 def checkpoint_path(rt, cfg, method, seed):
-    return os.path.join(rt.out, f"{cfg.dataset}-{method}-seed{seed}.pt")
+    return os.path.join(rt.out, f"{dataset_tag(cfg)}-{method}-seed{seed}.pt")
+
+
+def dataset_tag(cfg):
+    """The dataset in a file name: folder:/data/pets -> folder-pets."""
+    if cfg.dataset.startswith("folder:"):
+        return "folder-" + os.path.basename(os.path.normpath(cfg.dataset[7:]))
+    return cfg.dataset
 
 
 def save_checkpoint(run, path, cfg):
@@ -238,6 +246,8 @@ def build_parser():
     a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
     a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    a("--workers", type=int, default=4, help="--dataset folder:PATH: DataLoader processes that read images "
+      "(0: read in the main process)")
     a("--report", action="store_true", help="only print the results table of this config from OUT, train nothing")
     p.error = lambda msg: fail(msg)  # one clear line, not a usage dump
     return p
@@ -355,7 +365,9 @@ def setup(argv=None):
             return args, cfg, rt, None
         if cfg.weights:  # a file that does not fit the model: refused now, not at the first run
             load_torchvision(cfg.arch[3:], cfg.weights)
-        data = load_data(cfg, device, args.data_root, not args.no_download)
+        if args.workers < 0:
+            raise ConfigError(f"--workers must be non-negative, got {args.workers}")
+        data = load_data(cfg, device, args.data_root, not args.no_download, args.workers)
         check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
         make_writable_folder(rt.out, "--out")
     except UserError as e:

@@ -1,15 +1,24 @@
 """
 The pool S and the untouched test split that a run trains and is tested on, each choice fixed
 for every seed and method (SPEC sections 5, 6 and 8): the source (a synthetic demo set made in
-memory, CIFAR-10/100, the packed CIFAR-10 subset), a class-balanced subset, class skew (the
-paper's Table 2), label noise (Table 3 and the noisy-label anchor) and a clean meta set. What
-training does with it (GPU-resident batches, crop and flip) is molere.get_batch.
+memory, CIFAR-10/100, the packed CIFAR-10 subset, or any image folder), a class-balanced subset,
+class skew (the paper's Table 2), label noise (Table 3 and the noisy-label anchor) and a meta set
+(clean images of S, or an image folder of the user's: Table 4's natural hard examples). What
+training does with it is molere.get_batch: CIFAR stays on the device as uint8 (crop and flip done
+there, no DataLoader); a folder is read from disk by `FolderImages`.
 """
 import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as TV
+import torchvision.transforms.functional as TF
+from PIL import Image
 
 from molere_io import DataError, load_cifar, load_packed
 
@@ -98,6 +107,156 @@ def instance_noise(x, y, p, classes, g):
     return torch.multinomial(probs, 1, generator=g).squeeze(1)
 
 
+# ----------------------------------------------------------------------------- an image folder, read from disk
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def crop_params(path):
+    """The random part of the standard ImageNet training transform for one image: a
+    RandomResizedCrop box (scale 0.08-1, aspect 3/4-4/3) and a coin for the horizontal flip,
+    drawn from torch's RNG in the calling thread or worker, so reads in any thread stay seeded."""
+    try:
+        with Image.open(path) as im:  # the header only: the size
+            box = TV.RandomResizedCrop.get_params(im, (0.08, 1.0), (3 / 4, 4 / 3))
+    except (OSError, ValueError):
+        return None  # unreadable: `read_image` says so
+    return (*box, bool(torch.rand(1) < 0.5))
+
+
+def read_image(path, size, augment, params=None):
+    """One image as the network sees it, (3, size, size) normalised with ImageNet's statistics,
+    and "" or, where it cannot be read, its path (and a black image): training and validation
+    batches (augment) crop `params` (drawn here if not given) and flip; evaluation resizes to
+    size * 8/7 and centre-crops, as torchvision's ImageNet recipe."""
+    try:
+        if augment and params is None:
+            params = crop_params(path)
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+        if augment:
+            i, j, h, w, flip = params
+            im = TF.resized_crop(im, i, j, h, w, [size, size])
+            im = TF.hflip(im) if flip else im
+        else:
+            im = TF.center_crop(TF.resize(im, size * 8 // 7), size)
+        bad = ""
+    except (OSError, ValueError, TypeError):  # PIL's UnidentifiedImageError is an OSError
+        im, bad = Image.new("RGB", (size, size)), path
+    return TF.normalize(TF.to_tensor(im), IMAGENET_MEAN, IMAGENET_STD), bad
+
+
+class ReadImages(torch.utils.data.Dataset):
+    """`read_image` of each path, for a DataLoader whose workers draw their own crops."""
+
+    def __init__(self, paths, size, augment):
+        self.paths, self.size, self.augment = paths, size, augment
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return read_image(self.paths[i], self.size, self.augment)
+
+
+def read(batches):
+    """The images of (images, unreadable paths) batches, or one line naming the first bad file."""
+    batches = list(batches)
+    unreadable = [p for _, bad in batches for p in bad if p]
+    if unreadable:
+        raise DataError(f"cannot read image {unreadable[0]} (not an image, or damaged)")
+    return [x for x, _ in batches]
+
+
+class FolderImages:
+    """The images of an image folder, read from disk when a batch needs them: what Data.x is for
+    --dataset folder:PATH. Indexing (a tensor of positions, a slice) gives a view that reads
+    nothing; `load(idx, augment)` returns the images at those positions (`read_image`) on the
+    device. The epoch's training batches, announced in order by `expect`, are read ahead by one
+    DataLoader with `workers` processes while the device trains; the few other reads (validation
+    and splitter batches, evaluation) are read when asked for by `workers` threads, their random
+    crops drawn first in the calling thread, so a run is the same run whatever the timing."""
+
+    def __init__(self, paths, size, workers=0, device=torch.device("cpu")):
+        self.paths, self.size, self.workers, self.device = list(paths), size, workers, device
+        self.ahead, self.expected, self.ahead_augment = None, deque(), None
+        self.threads = ThreadPoolExecutor(workers) if workers else None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, idx):
+        pos = range(len(self.paths))[idx] if isinstance(idx, slice) else idx.tolist()
+        view = FolderImages([], self.size, 0, self.device)
+        view.paths, view.workers, view.threads = [self.paths[i] for i in pos], self.workers, self.threads
+        return view
+
+    def to(self, device):
+        self.device = device
+        return self
+
+    def expect(self, batches, augment):
+        self.expected, self.ahead_augment = deque(batches.tolist()), augment
+        self.ahead = iter(torch.utils.data.DataLoader(ReadImages(self.paths, self.size, augment),
+                                                      batch_sampler=list(self.expected), num_workers=self.workers))
+
+    def load(self, idx, augment):
+        pos = list(range(len(self.paths))[idx]) if isinstance(idx, slice) else idx.tolist()
+        if self.expected and pos == self.expected[0] and augment == self.ahead_augment:  # the epoch's next batch
+            self.expected.popleft()
+            x = read([next(self.ahead)])[0]
+        else:
+            paths = [self.paths[i] for i in pos]
+            params = [crop_params(p) if augment else None for p in paths]  # the random draws, in order
+            one = lambda a: read_image(a[0], self.size, augment, a[1])
+            x = read([stacked(self.map(one, zip(paths, params)))])[0]
+        return x.to(self.device, non_blocking=True)
+
+    def map(self, fn, items):
+        return list(self.threads.map(fn, items) if self.threads else map(fn, items))
+
+    def thumbnails(self, side=32):
+        """Every image resized whole to uint8 (N, 3, side, side): the pixels `instance_noise` projects."""
+        def small(path):
+            try:
+                with Image.open(path) as im:
+                    return TF.pil_to_tensor(im.convert("RGB").resize((side, side), Image.BILINEAR)), ""
+            except (OSError, ValueError):
+                return torch.zeros(3, side, side, dtype=torch.uint8), path
+        return read([stacked(self.map(small, self.paths))])[0]
+
+
+def stacked(results):
+    """[(image, bad path)] -> (images stacked, [bad paths]): one batch as `read` takes it."""
+    return torch.stack([x for x, _ in results]), [bad for _, bad in results]
+
+
+def scan_folder(path, classes=None):
+    """torchvision's ImageFolder scan of PATH/<class>/<image>: (image paths, class names, labels).
+    With `classes` (the training classes) the labels index those, and a class folder that is not
+    one of them is refused. Every problem of the tree is one line that names the folder."""
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is not a folder: an image folder holds one folder of images per class")
+    try:
+        found = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, OSError) as e:  # no class folder, or one that holds no image
+        raise DataError(f"{path}: {str(e).splitlines()[0]}") from None
+    names = classes or found.classes
+    stray = sorted(set(found.classes) - set(names))
+    if stray:
+        raise DataError(f"{path}: class folder {stray[0]!r} is not a training class "
+                        f"(the training classes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    labels = [names.index(found.classes[t]) for _, t in found.samples]
+    return [p for p, _ in found.samples], names, torch.tensor(labels)
+
+
+def load_folder(root, size, workers):
+    """--dataset folder:ROOT: ROOT/train/<class>/* and ROOT/test/<class>/*, the same classes."""
+    x, classes, y = scan_folder(os.path.join(root, "train"))
+    xt, _, yt = scan_folder(os.path.join(root, "test"), classes)
+    return FolderImages(x, size, workers), y, FolderImages(xt, size, workers), yt, len(classes), classes
+
+
 @dataclass
 class Data:
     x: torch.Tensor        # pool S, uint8 (N, 3, 32, 32), on the device
@@ -110,15 +269,20 @@ class Data:
     y_true: torch.Tensor   # labels before --noise (= y without it)
     meta_mask: torch.Tensor = None  # --meta-set clean:N: the fixed clean S_val
     noisy: torch.Tensor = None      # --noise: which labels of S it flipped (y != y_true)
+    x_meta: FolderImages = None     # --meta-set folder:PATH: S_val from outside S (meta_mask: none of S)
+    y_meta: torch.Tensor = None
 
 
-def load_data(cfg, device, data_root="data", download=True):
-    """The pool S (subset, class skew, noise, clean meta set: each fixed for every seed) and the
-    untouched test split, on the device."""
+def load_data(cfg, device, data_root="data", download=True, workers=0):
+    """The pool S (subset, class skew, noise, meta set: each fixed for every seed) and the
+    untouched test split, on the device (a folder's images: read from disk by `workers` processes)."""
+    names = None
     if cfg.dataset == "synthetic":
         x, y, xt, yt, classes = make_synthetic()
     elif cfg.dataset == "packed":
         x, y, xt, yt, classes = load_packed(data_root)
+    elif cfg.dataset.startswith("folder:"):
+        x, y, xt, yt, classes, names = load_folder(cfg.dataset[7:], cfg.image_size, workers)
     else:
         x, y, xt, yt, classes = load_cifar(data_root, cfg.dataset, download)
     if cfg.train_subset:
@@ -131,9 +295,13 @@ def load_data(cfg, device, data_root="data", download=True):
         x, y = x[keep], y[keep]
     y_true = y
     if cfg.noise != "none":
-        y = add_noise(y, cfg.noise, classes, x)
-    meta_mask = None
-    if cfg.meta_set != "split":
+        pixels = x.thumbnails() if cfg.noise.startswith("instance") and not torch.is_tensor(x) else x
+        y = add_noise(y, cfg.noise, classes, pixels)
+    meta_mask = x_meta = y_meta = None
+    if cfg.meta_set.startswith("folder:"):  # S_tr = S for every method; S_val these images
+        paths, _, y_meta = scan_folder(cfg.meta_set[7:], names)
+        x_meta, meta_mask = FolderImages(paths, cfg.image_size, workers), torch.zeros(len(y), dtype=torch.bool)
+    elif cfg.meta_set != "split":
         n = int(cfg.meta_set.split(":")[1])
         counts = torch.bincount(y_true, minlength=classes)
         if n < classes or n > int(counts.min()) * classes // 2:
@@ -142,8 +310,12 @@ def load_data(cfg, device, data_root="data", download=True):
         meta_mask = torch.zeros(len(y), dtype=torch.bool)
         meta_mask[balanced_subset(y_true, n, classes)] = True
         y = torch.where(meta_mask, y_true, y)  # the meta set keeps its true labels
-    xf = x.float() / 255
-    mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
+    if torch.is_tensor(x):
+        xf = x.float() / 255
+        mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
+    else:  # a folder's images are normalised as they are read (`folder_transform`)
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     dev = lambda t: None if t is None else t.to(device)
     return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
-                dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None)
+                dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None,
+                dev(x_meta), dev(y_meta))

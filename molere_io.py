@@ -59,7 +59,9 @@ def config_problem(cfg):
     noise, _, p = cfg.noise.partition(":")
     meta, _, n = cfg.meta_set.partition(":")
     checks = [
-        (cfg.dataset in DATASETS, f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)}"),
+        (cfg.dataset in DATASETS or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7,
+         f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)} or folder:PATH"),
+        (cfg.image_size >= 16, f"--image-size must be at least 16, got {cfg.image_size}"),
         (0 < cfg.delta <= 0.5, f"--delta must be in (0, 0.5], got {cfg.delta}"),
         (cfg.K >= 1, f"--K must be at least 1, got {cfg.K}"),
         choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
@@ -87,8 +89,10 @@ def config_problem(cfg):
         (1 <= cfg.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {cfg.imbalance}"),
         (cfg.noise == "none" or (noise in ("uniform", "pair", "instance") and 0 < (_number(p) or 0) < 1),
          f"--noise must be none, uniform:p, pair:p or instance:p with p in (0, 1), got {cfg.noise!r}"),
-        (cfg.meta_set == "split" or (meta == "clean" and n.isdigit() and int(n) > 0),
-         f"--meta-set must be split or clean:N with N >= 1, got {cfg.meta_set!r}"),
+        (cfg.meta_set == "split" or (meta == "clean" and n.isdigit() and int(n) > 0) or (meta == "folder" and n),
+         f"--meta-set must be split, clean:N with N >= 1 or folder:PATH, got {cfg.meta_set!r}"),
+        (meta != "folder" or cfg.dataset.startswith("folder:"),
+         "--meta-set folder:PATH needs --dataset folder:PATH (its images are read and transformed alike)"),
     ]
     return next((message for ok, message in checks if not ok), None)
 

@@ -1,0 +1,127 @@
+"""Any image folder (--dataset folder:PATH, --meta-set folder:PATH): images read from disk as
+torchvision reads them, a run end to end with a torchvision backbone and weights from a local
+file, the outside meta set as every reweighting method's S_val but MOLERE's, and bad folders
+refused in one line before any training."""
+import os
+
+import pytest
+import torch
+import torchvision
+import torchvision.transforms as T
+
+import molere
+import molere_cli
+import molere_data
+import molere_io
+from helpers import fresh_seed, run_main, write_folder
+
+SIZE = 32
+
+
+def tiny_tree(root, classes=("cat", "dog", "owl"), train=12, test=4):
+    write_folder(os.path.join(root, "train"), classes, train, seed=0)
+    write_folder(os.path.join(root, "test"), classes, test, seed=1)
+    return str(root)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_folder_images_are_read_as_torchvision_reads_them(tmp_path, workers):
+    """FolderImages.load (on demand, and the epoch's batches read ahead by `expect`) gives what
+    torchvision's own ImageFolder with the standard evaluation transforms gives, at any positions."""
+    fresh_seed()
+    root = tiny_tree(tmp_path)
+    x, y, xt, yt, classes, names = molere_data.load_folder(root, SIZE, workers)
+    reference = torchvision.datasets.ImageFolder(os.path.join(root, "train"), T.Compose([
+        T.Resize(SIZE * 8 // 7), T.CenterCrop(SIZE), T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+    assert names == ["cat", "dog", "owl"] and classes == 3 and len(x) == 36 and len(xt) == 12
+    assert y.tolist() == reference.targets
+    idx = torch.randperm(len(x))[:7]
+    want = torch.stack([reference[i][0] for i in idx.tolist()])
+    torch.testing.assert_close(x.load(idx, augment=False), want)
+    torch.testing.assert_close(x[idx].load(slice(2, 5), augment=False), want[2:5])  # a view of a view
+    batches = torch.randperm(len(x))[:30].view(3, 10)
+    x.expect(batches, augment=False)
+    for b in batches:  # read ahead, in the epoch's order
+        torch.testing.assert_close(x.load(b, augment=False), torch.stack([reference[i][0] for i in b.tolist()]))
+    assert not x.expected
+    augmented = torchvision.datasets.ImageFolder(os.path.join(root, "train"), T.Compose([
+        T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+    state = torch.get_rng_state()
+    want = torch.stack([augmented[i][0] for i in idx.tolist()])  # torchvision's crops and flips ...
+    torch.set_rng_state(state)
+    got = x.load(idx, augment=True)  # ... drawn the same from the same RNG, whatever thread reads
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, x.load(idx, augment=True))
+
+
+def test_a_folder_run_with_a_torchvision_backbone_and_an_outside_meta_set(tmp_path, capsys):
+    """The README's worked example, end to end: ResNet-18 with weights from a local file,
+    instance-dependent noise drawn from the folder's pixels, and a meta set of two of the three
+    classes from outside S. LRW-Random holds nothing of S out and draws its validation batches
+    there (labels of those two classes only); MOLERE keeps its own hard split of S."""
+    torch.manual_seed(fresh_seed())
+    root = tiny_tree(tmp_path / "pets")
+    meta = write_folder(str(tmp_path / "hard"), ("dog", "owl"), 4, seed=2)
+    weights = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    argv = ["--dataset", f"folder:{root}", "--image-size", str(SIZE), "--arch", "tv:resnet18",
+            "--weights", str(weights), "--noise", "instance:0.3", "--meta-set", f"folder:{meta}",
+            "--method", "erm,lrw-random,molere", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "6", "--delta", "0.25",
+            "--workers", "2", "--device", "cpu", "--out", str(tmp_path / "out")]
+    out = run_main(argv, capsys).out
+    assert "folder:" in out and "36 training / 12 test images, 3 classes; tv:resnet18" in out
+    rows = {r["method"]: r for r in molere_io.read_results(str(tmp_path / "out" / "results.jsonl"))}
+    assert sorted(rows) == ["erm", "lrw-random", "molere"]
+    assert rows["lrw-random"]["val_size"] == 0 and rows["molere"]["val_size"] > 0
+    assert len(rows["erm"]["noisy"]) > 0 and all(0 <= r["test_acc"] <= 100 for r in rows.values())
+    assert os.path.isfile(tmp_path / "out" / "folder-pets-lrw-random-seed0.pt")
+
+    cfg = molere.Config(**rows["lrw-random"]["config"])
+    data = molere_data.load_data(cfg, torch.device("cpu"))
+    for method, labels in (("lrw-random", {1, 2}), ("molere", {0, 1, 2})):
+        run = molere.Run(cfg, method, 0, data, torch.device("cpu"))
+        run.val_mask = molere.initial_split(method, data, cfg.delta, 0)
+        val_idx = run.val_mask.nonzero().squeeze(1)
+        drawn = torch.cat([molere.validation_batch(run, data, cfg, val_idx)[1] for _ in range(20)])
+        assert set(drawn.tolist()) == labels, (method, drawn)
+
+
+def bad_trees(tmp):
+    """(flags, what the one line must say) for broken folders and flags."""
+    good = tiny_tree(tmp / "good")
+    no_test = tmp / "no_test"
+    write_folder(str(no_test / "train"), ("cat", "dog"), 2)
+    empty = tmp / "empty"
+    write_folder(str(empty / "train"), ("cat", "dog"), 2)
+    write_folder(str(empty / "test"), ("cat", "dog"), 2)
+    os.makedirs(empty / "train" / "emu")
+    broken = tmp / "broken"
+    write_folder(str(broken / "train"), ("cat", "dog"), 4)
+    write_folder(str(broken / "test"), ("cat", "dog"), 2)
+    (broken / "train" / "dog" / "2.jpg").write_bytes(b"not a jpeg")
+    stray = write_folder(str(tmp / "stray"), ("dog", "emu"), 2)
+    return [
+        ([f"folder:{tmp / 'nowhere'}"], "is not a folder"),
+        ([f"folder:{no_test}"], f"{no_test / 'test'} is not a folder"),
+        ([f"folder:{empty}"], "emu"),
+        ([f"folder:{broken}", "--method", "erm", "--batch-size", "2"], f"cannot read image {broken / 'train' / 'dog' / '2.jpg'}"),
+        ([f"folder:{good}", "--meta-set", f"folder:{stray}"], "class folder 'emu' is not a training class"),
+        ([f"folder:{good}", "--image-size", "8"], "--image-size must be at least 16"),
+        (["synthetic", "--meta-set", f"folder:{stray}"], "--meta-set folder:PATH needs --dataset folder:PATH"),
+        ([f"folder:{good}", "--workers", "-1"], "--workers must be non-negative"),
+    ]
+
+
+def test_bad_folders_and_flags_one_line_exit_2(tmp_path, capsys):
+    for extra, msg in bad_trees(tmp_path):
+        out = tmp_path / "out"
+        argv = ["--dataset", extra[0], "--image-size", str(SIZE), "--depth", "10", "--width", "1", "--epochs", "1",
+                "--batch-size", "2", "--method", "erm,lrw-random", "--workers", "0", "--device", "cpu",
+                "--out", str(out), *extra[1:]]  # the last of a repeated flag counts
+        with pytest.raises(SystemExit) as e:
+            molere_cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, (extra, err)
+        assert not out.exists() or not any(out.glob("*.pt")), extra  # nothing trained
