@@ -28,6 +28,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
@@ -150,6 +152,32 @@ class Config:
         bad = config_problem(self)  # the first value no run can use, as one line
         if bad:
             raise ConfigError(bad)
+
+# ----------------------------------------------------- one run over several processes (torchrun; README)
+
+
+def world():
+    """How many processes share each batch: torchrun's world size, 1 in a plain run."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if world() > 1 else 0
+
+
+def world_mean(t):
+    """t averaged over the processes, differentiably (its backward sums the gradients that
+    reach it from every process); t itself in a plain run."""
+    return t if world() == 1 else dist_nn.all_reduce(t, op=dist.ReduceOp.SUM) / world()
+
+
+def world_sum(t):
+    return world_mean(t) * world()
+
+
+def my_share(idx):
+    """This process's contiguous 1/world of a batch of indices that every process drew alike."""
+    return idx if world() == 1 else idx.view(world(), -1)[rank()]
 
 # ------------------------------------------------------------------ batches (the pool S: molere_data.py)
 
@@ -470,7 +498,7 @@ def instance_weights(meta, h, y, weight_norm="batch"):
 
 
 def normalised(w, weight_norm):
-    return w / w.mean() if weight_norm == "batch" else w
+    return w / world_mean(w.mean()) if weight_norm == "batch" else w  # the mean over the whole batch
 
 
 def fast_path(losses, loss_jvp):
@@ -491,11 +519,11 @@ def fast_path(losses, loss_jvp):
         theta1 = {n: (p.detach() - alpha * g).requires_grad_()
                   for (n, p), g in zip(model.named_parameters(), grads)}
         loss_val = losses(model, theta1, xv, yv).mean()
-        v = torch.autograd.grad(loss_val, list(theta1.values()))
+        v = [world_mean(t) for t in torch.autograd.grad(loss_val, list(theta1.values()))]  # torchrun: global
         params = {n: p.detach() for n, p in model.named_parameters()}
         with replay_rng(rng, x.device):
             _, a = loss_jvp(model, params, dict(zip(params, v)), x, y)
-        return loss_val.detach(), -alpha * a / len(y)
+        return world_mean(loss_val.detach()), -alpha * a / (len(y) * world())
 
     return weight_grad_fast
 
@@ -528,7 +556,7 @@ def l2rw_weights(model, x, y, xv, yv, alpha, rng, weight_grad=weight_grad_fast):
     zeros = [torch.zeros_like(p) for p in model.parameters()]
     loss_val, g = weight_grad(model, x, y, zeros, xv, yv, alpha, rng)
     w = torch.relu(-g.float())
-    return loss_val, w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+    return loss_val, w / world_sum(w.sum()).clamp_min(torch.finfo(w.dtype).tiny)  # sums to 1 over the batch
 
 # ------------------------------------------------------------------------- one training step, in three parts
 
@@ -543,7 +571,9 @@ class Run:
         self.model = make_model(cfg, data.classes).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.fwd = torch.compile(self.model) if compile else self.model  # plain steps, evaluation: no replay
+        self.net = self.model if world() == 1 else nn.parallel.DistributedDataParallel(  # torchrun: G all-reduced
+            self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.fwd = torch.compile(self.net) if compile else self.net  # plain steps, evaluation: no replay
         self.weight_grad = weight_grad_compiled if compile else weight_grad_fast  # the look-ahead and JVP
         feats = self.model.features
         self.spec = METHODS[method]
@@ -574,7 +604,7 @@ def forward_batch(run, data, cfg, idx, keep_rng):
     x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
     rng = rng_state(run.device) if keep_rng else None
     with autocast(run.device):
-        logits, h = (run.model if keep_rng else run.fwd)(x)
+        logits, h = (run.net if keep_rng else run.fwd)(x)
     return x, y, rng, logits, h
 
 
@@ -618,9 +648,9 @@ def validation_batch(run, data, cfg, val_idx):
     """B images drawn with replacement from S_val, augmented like training batches. S_val is
     `val_idx` of S, or for every method but MOLERE a meta set from outside S (--meta-set folder:)."""
     if data.x_meta is not None and run.spec.split != "splitter":
-        vi = torch.randint(len(data.y_meta), (cfg.batch_size,), device=run.device)
+        vi = my_share(torch.randint(len(data.y_meta), (cfg.batch_size,), device=run.device))
         return get_batch(data, vi, augment=cfg.augment, x=data.x_meta), data.y_meta[vi]
-    vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)]
+    vi = my_share(val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)])
     return get_batch(data, vi, augment=cfg.augment), data.y[vi]
 
 
@@ -631,7 +661,8 @@ def meta_step(run, data, cfg, batch, val_idx, stats):
     exact because w~ = g_phi(h.detach(), y) does not depend on theta in the graph. g by one JVP
     (`weight_grad_fast`, at G as the classifier step left it in p.grad) or by create_graph
     (--meta-grad reference). The classifier update of this step still uses phi from before
-    (one-step lag, README)."""
+    (one-step lag, README). Under torchrun each process holds its share of both batches: G and v
+    are the whole batch's (DDP; `world_mean`), g_i is local, and the phi gradients are summed."""
     x, y, h, rng = batch
     xv, yv = validation_batch(run, data, cfg, val_idx)
     alpha = run.opt.param_groups[0]["lr"]
@@ -644,7 +675,7 @@ def meta_step(run, data, cfg, batch, val_idx, stats):
             loss_val, g = weight_grad_reference(run.model, x, y, w_tilde, xv, yv, alpha, rng)
         phi = list(run.meta.parameters())
         for p, d in zip(phi, torch.autograd.grad(w_tilde, phi, grad_outputs=g.to(w_tilde.dtype))):
-            p.grad = d.float()
+            p.grad = world_sum(d.float())  # torchrun: each process holds its share of the batch
     run.opt_meta.step()
     stats["val_loss"].append(loss_val.float())
 
@@ -659,10 +690,10 @@ def l2rw_step(run, data, cfg, idx, val_idx, stats):
     with autocast(run.device):
         alpha = run.opt.param_groups[0]["lr"]
         loss_val, w = l2rw_weights(run.model, x, y, xv, yv, alpha, rng, run.weight_grad)
-    w = w * len(y)  # w~ with mean 1: mean_i w~_i l_i = sum_i w_i l_i
+    w = w * len(y) * world()  # w~ with mean 1 over the batch: mean_i w~_i l_i = sum_i w_i l_i
     fit = weighted_backward(run, logits, y, w, w, stats)
     stats["val_loss"].append(loss_val.float())
-    return bool(w.sum() > 0), w, fit  # one host sync a step: a baseline's price
+    return bool(world_sum(w.sum()) > 0), w, fit  # one host sync a step: a baseline's price
 
 
 def splitter_step(run, data, cfg, stats, val_idx):
@@ -670,7 +701,9 @@ def splitter_step(run, data, cfg, stats, val_idx):
     split itself (no augmentation, so 'correct' and l_i are the classifier's clean verdicts):
       CE(P_Theta(train), 1[y_hat = y]) - l_val    on B/2 images of the current S_val (the paper's
                                                   update; --splitter-data all: on B images of S)
-      lambda_size R_size + lambda_bal R_bal        on B/2 images drawn from all of S (all: the same B)"""
+      lambda_size R_size + lambda_bal R_bal        on B/2 images drawn from all of S (all: the same B)
+    Under torchrun every process makes this same step on the same B images (its terms are ratios
+    and KLs of batch means, not sums), so Theta stays the same everywhere without communication."""
     B = cfg.batch_size
     if cfg.splitter_data == "all":
         idx = torch.randint(len(data.y), (B,), device=run.device)
@@ -695,10 +728,12 @@ def splitter_step(run, data, cfg, stats, val_idx):
 
 
 def epoch_batches(run, cfg):
-    """S_tr in a fresh random order, cut into full batches (the last partial one is dropped)."""
+    """S_tr in a fresh random order, cut into full batches (the last partial one is dropped); under
+    torchrun every process draws the same order and keeps its share of each batch."""
     train_idx = (~run.val_mask).nonzero().squeeze(1)
     order = train_idx[torch.randperm(len(train_idx), device=run.device)]
-    return order[:len(order) // cfg.batch_size * cfg.batch_size].view(-1, cfg.batch_size)
+    batches = order[:len(order) // cfg.batch_size * cfg.batch_size].view(-1, cfg.batch_size)
+    return torch.stack([my_share(b) for b in batches]) if world() > 1 else batches
 
 
 def train_steps(run, data, cfg, batches):

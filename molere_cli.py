@@ -6,6 +6,7 @@ None of it changes a run's numbers; molere.py is the method.
     python molere_cli.py --help          # the same as python molere.py --help
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -16,8 +17,10 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
+import torch.distributed as dist
+
 from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
-                    margins, meta_input, per_class_topk, predict, rng_state, train)
+                    margins, meta_input, per_class_topk, predict, rank, rng_state, train, world)
 from molere_data import load_data
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
                        make_writable_folder, read_checkpoint, read_results, run_lock, write_checkpoint)
@@ -121,7 +124,8 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
         run.elapsed += time.time() - last["start"]
         entry["time_s"] = round(time.time() - last["start"], 2)
         run.log.append(entry)
-        save_checkpoint(run, path, cfg)
+        if rank() == 0:  # torchrun: one writer
+            save_checkpoint(run, path, cfg)
         print(progress_line(tag, entry, run, cfg.epochs), flush=True)
         if budget is not None:
             budget.spend()
@@ -254,8 +258,30 @@ def build_parser():
 
 
 def fail(msg):
-    print(f"molere.py: error: {msg}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: every process meets the same bad input; one line
+        print(f"molere.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def join_torchrun(args, cfg):
+    """Under torchrun (WORLD_SIZE > 1), join the process group (NCCL on GPUs, gloo on the CPU) and
+    return this process's device: cuda:LOCAL_RANK, or the CPU. Each process takes its 1/N share
+    of every batch (molere.my_share); only rank 0 prints and writes. None in a plain run."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n == 1:
+        return None
+    if cfg.batch_size % n:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must split evenly over the {n} torchrun processes")
+    if cfg.meta_grad != "fast":
+        raise ConfigError("--meta-grad reference runs in one process only (its G is not all-reduced)")
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if gpu else "gloo")
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
 
 
 def plan_of(method):
@@ -280,17 +306,31 @@ def check_plan(cfg, rt, plan, seeds, data):
                 read_checkpoint(path, config_record(cfg))
 
 
+def agree(value):
+    """Under torchrun, rank 0's value in every process: the plan's decisions (skip, resume, which
+    ERM model) must be the same everywhere, or the processes would wait on each other forever."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def lock(path, **how):
+    """molere_io.run_lock, taken by rank 0 only under torchrun (the others follow its decisions)."""
+    return run_lock(path, **how) if rank() == 0 else contextlib.nullcontext(True)
+
+
 def finished_erm(cfg, rt, seed, data, budget):
     """The ERM model of this config and seed, for the train-twice margins (trained if needed),
     and its result record if it was trained here."""
     path = checkpoint_path(rt, cfg, "erm", seed)
-    with run_lock(path, wait=f"[erm seed {seed}] waiting for another process that trains it ({path}.lock)"):
-        if has_checkpoint(path):
-            ckpt = read_checkpoint(path, config_record(cfg))
-            if ckpt["epoch"] == cfg.epochs:
-                run = Run(cfg, "erm", seed, data, rt.device)
-                run.model.load_state_dict(ckpt["model"])
-                return run.model, None
+    with lock(path, wait=f"[erm seed {seed}] waiting for another process that trains it ({path}.lock)"):
+        ckpt = read_checkpoint(path, config_record(cfg)) if has_checkpoint(path) else None
+        if agree(ckpt is not None and ckpt["epoch"] == cfg.epochs):
+            run = Run(cfg, "erm", seed, data, rt.device)
+            run.model.load_state_dict((ckpt or read_checkpoint(path, config_record(cfg)))["model"])
+            return run.model, None
         run, result = fit(cfg, replace(rt, resume=True), "erm", seed, data,  # continue a partial one
                           initial_split("erm", data, cfg.delta, seed), budget)
         return run.model, result
@@ -300,7 +340,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
     """Every (method, seed) of the plan, finished runs skipped; each seed's ERM model reused for
     the train-twice margins; a lock per run, so that a plan launched twice trains each run once."""
     results_path = os.path.join(rt.out, "results.jsonl")
-    done = {(r["method"], r["seed"]) for r in read_results(results_path, config_hash(cfg))} if rt.resume else set()
+    done = agree({(r["method"], r["seed"]) for r in read_results(results_path, config_hash(cfg))} if rt.resume else set())
     for seed in seeds:
         erm_model = None
         for method in plan:
@@ -309,20 +349,21 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                 continue
             if method in NEEDS_ERM and erm_model is None:
                 erm_model, result = finished_erm(cfg, rt, seed, data, budget)
-                if result is not None and ("erm", seed) not in done:
+                if result is not None and ("erm", seed) not in done and rank() == 0:
                     append_result(results_path, result)
                     done.add(("erm", seed))
             val_mask = initial_split(method, data, cfg.delta, seed, erm_model)
             path = checkpoint_path(rt, cfg, method, seed)
-            with run_lock(path) as mine:
+            with lock(path) as mine:
                 busy = not mine or (method, seed) in {(r["method"], r["seed"]) for r in
                                                       read_results(results_path, config_hash(cfg))}
-                if busy or (has_checkpoint(path) and not rt.resume):
+                if agree(busy or (has_checkpoint(path) and not rt.resume)):
                     print(f"[{method} seed {seed}] trained by another process{' (finished)' if busy and mine else ''};"
                           f" skipped here, rerun with --resume to continue or report it", flush=True)
                     continue
                 run, result = fit(cfg, rt, method, seed, data, val_mask, budget)
-                append_result(results_path, result)
+                if rank() == 0:
+                    append_result(results_path, result)
             if method == "erm":
                 erm_model = run.model
             done.add((method, seed))
@@ -358,8 +399,8 @@ def setup(argv=None):
             raise ConfigError(f"--device {args.device} asked for, but torch sees no CUDA device")
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = torch.device(args.device if args.device != "auto" else
-                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = join_torchrun(args, cfg) or torch.device(args.device if args.device != "auto" else
+                                                          ("cuda" if torch.cuda.is_available() else "cpu"))
         rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
         if args.report:
             return args, cfg, rt, None
@@ -405,6 +446,8 @@ def main(argv=None, handle_sigterm=False):
               f"rerun the same command with --resume to continue", file=sys.stderr)
         sys.exit(130)
     print(report_table(read_results(results_path, config_hash(cfg)), cfg.dataset))
+    if world() > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ BAD = [
     (["--splitter-data", "train"], "--splitter-data must be val or all"),
     (["--noise", "uniform:1.5"], "--noise must be none, uniform:p, pair:p or instance:p"),
     (["--noise", "gauss:0.2"], "--noise must be none, uniform:p, pair:p or instance:p"),
-    (["--meta-set", "clean:x"], "--meta-set must be split or clean:N"),
+    (["--meta-set", "clean:x"], "--meta-set must be split, clean:N with N >= 1 or folder:PATH"),
     (["--meta-set", "clean:5", "--method", "erm,lrw-random"], "N must be between 10"),
     (["--meta-set", "clean:50", "--method", "lrw-hard"], "LRW-Easy and LRW-Hard have no split to choose"),
     (["--imbalance", "0.5"], "--imbalance is a ratio"),
