@@ -315,7 +315,8 @@ def make_model(cfg, classes):
     if cfg.arch == "resnet32":
         return ResNet32(classes)
     if cfg.arch.startswith("tv:"):
-        return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights), classes)
+        size = cfg.image_size if cfg.dataset.startswith("folder:") else 32  # CIFAR: 32 x 32
+        return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, size), classes)
     return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
 
 

@@ -233,11 +233,11 @@ class Compiled:
         return self.fn(*args)
 
 
-def load_torchvision(name, weights=""):
+def load_torchvision(name, weights="", image_size=32):
     """torchvision model NAME with its own head, its pretrained state_dict loaded from the local
-    file `weights` if given (nothing is downloaded). A ViT is built for 32 x 32 images unless
-    weights say otherwise; a file that does not fit the model is refused in one line."""
-    kwargs = {"image_size": 32} if name.startswith("vit") and not weights else {}
+    file `weights` if given (nothing is downloaded). A ViT is built for `image_size` unless
+    weights fix it (224); a file that does not fit the model is refused in one line."""
+    kwargs = {"image_size": image_size} if name.startswith("vit") and not weights else {}
     model = torchvision.models.get_model(name, **kwargs)
     if weights:
         try:

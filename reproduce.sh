@@ -2,6 +2,7 @@
 # One entry point for everything the README promises.
 #   bash reproduce.sh              every method on the synthetic set, CPU, under 3 minutes, then the table
 #   bash reproduce.sh test         the test suite (what CI runs)
+#   bash reproduce.sh folder-demo  MOLERE on an image folder with a torchvision backbone (a tiny generated one, CPU)
 #   bash reproduce.sh cifar100     the paper's CIFAR-100 / WRN-28-10 experiment (needs a GPU; --force to try anyway;
 #                                  --gpus N spreads its 18 runs over N GPUs)
 #   bash reproduce.sh cifar10      the same recipe on CIFAR-10
@@ -89,6 +90,13 @@ case "$cmd" in
     exec "$PY" molere.py --dataset synthetic --train-subset 800 --depth 10 --width 1 --dropout 0 \
       --epochs 5 --batch-size 50 --warmup-epochs 2 --resplit-every 1 --eval-every 0 --device cpu \
       --method all --out runs/demo --resume "$@" ;;
+  folder-demo)  # README: your own image folder and backbone, on a tiny generated folder (CPU, about a minute)
+    "$PY" -m tools.toy_folder runs/folder-demo
+    exec "$PY" molere.py --dataset folder:runs/folder-demo/pets --meta-set folder:runs/folder-demo/hard \
+      --weights runs/folder-demo/resnet18.pt \
+      --image-size 32 --arch tv:resnet18 --lr 0.01 --noise instance:0.3 --method erm,lrw-random,molere --epochs 2 \
+      --warmup-epochs 1 --batch-size 6 --delta 0.25 --workers 2 \
+      --out runs/folder-demo/out --resume "$@" ;;
   test)
     exec "$PY" -m pytest -q tests "$@" ;;
   cifar100|cifar10)

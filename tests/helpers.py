@@ -15,6 +15,7 @@ import molere
 import molere_cli
 import molere_data
 from kernels import weighted_cross_entropy
+from tools.toy_folder import write_folder  # noqa: F401 (the tests' image folders)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,18 +148,3 @@ def small_run(method, seed, **overrides):
     data = molere_data.load_data(cfg, torch.device("cpu"))
     return cfg, data, molere.Run(cfg, method, seed, data, torch.device("cpu"))
 
-
-
-
-def write_folder(root, classes=("cat", "dog", "owl"), per_class=8, side=40, seed=0):
-    """An image folder in torchvision's ImageFolder layout, root/<class>/<i>.jpg: each class a
-    smooth colour pattern plus noise, JPEG-encoded, `side` pixels square; returns root."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(seed)
-    for c, name in enumerate(classes):
-        os.makedirs(os.path.join(root, name), exist_ok=True)
-        proto = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=side, mode="bilinear")[0]
-        for i in range(per_class):
-            x = (proto + 0.1 * torch.randn(3, side, side, generator=g)).clamp(0, 1)
-            Image.fromarray((x * 255).byte().permute(1, 2, 0).numpy()).save(os.path.join(root, name, f"{i}.jpg"))
-    return root

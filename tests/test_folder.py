@@ -13,7 +13,8 @@ import molere
 import molere_cli
 import molere_data
 import molere_io
-from helpers import fresh_seed, run_main, write_folder
+from helpers import ROOT, fresh_seed, run_main, write_folder
+from tools import toy_folder
 
 SIZE = 32
 
@@ -56,27 +57,30 @@ def test_folder_images_are_read_as_torchvision_reads_them(tmp_path, workers):
     assert not torch.allclose(got, x.load(idx, augment=True))
 
 
+DEMO = ["--image-size", str(SIZE), "--arch", "tv:resnet18", "--lr", "0.01", "--noise", "instance:0.3", "--method",
+        "erm,lrw-random,molere", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "6", "--delta", "0.25",
+        "--workers", "2"]  # as README's worked example and `bash reproduce.sh folder-demo` run it
+
+
 def test_a_folder_run_with_a_torchvision_backbone_and_an_outside_meta_set(tmp_path, capsys):
     """The README's worked example, end to end: ResNet-18 with weights from a local file,
     instance-dependent noise drawn from the folder's pixels, and a meta set of two of the three
     classes from outside S. LRW-Random holds nothing of S out and draws its validation batches
     there (labels of those two classes only); MOLERE keeps its own hard split of S."""
     torch.manual_seed(fresh_seed())
-    root = tiny_tree(tmp_path / "pets")
-    meta = write_folder(str(tmp_path / "hard"), ("dog", "owl"), 4, seed=2)
-    weights = tmp_path / "r18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    argv = ["--dataset", f"folder:{root}", "--image-size", str(SIZE), "--arch", "tv:resnet18",
-            "--weights", str(weights), "--noise", "instance:0.3", "--meta-set", f"folder:{meta}",
-            "--method", "erm,lrw-random,molere", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "6", "--delta", "0.25",
-            "--workers", "2", "--device", "cpu", "--out", str(tmp_path / "out")]
+    toy_folder.write_demo(str(tmp_path))
+    argv = ["--dataset", f"folder:{tmp_path / 'pets'}", "--meta-set", f"folder:{tmp_path / 'hard'}",
+            "--weights", str(tmp_path / "resnet18.pt"), *DEMO, "--device", "cpu", "--out", str(tmp_path / "out")]
     out = run_main(argv, capsys).out
-    assert "folder:" in out and "36 training / 12 test images, 3 classes; tv:resnet18" in out
+    assert "36 training / 12 test images, 3 classes; tv:resnet18" in out
     rows = {r["method"]: r for r in molere_io.read_results(str(tmp_path / "out" / "results.jsonl"))}
     assert sorted(rows) == ["erm", "lrw-random", "molere"]
     assert rows["lrw-random"]["val_size"] == 0 and rows["molere"]["val_size"] > 0
     assert len(rows["erm"]["noisy"]) > 0 and all(0 <= r["test_acc"] <= 100 for r in rows.values())
     assert os.path.isfile(tmp_path / "out" / "folder-pets-lrw-random-seed0.pt")
+    with open(os.path.join(ROOT, "reproduce.sh")) as f:  # the command the README shows runs these flags
+        demo = " ".join(line.strip().rstrip("\\").strip() for line in f.read().split("folder-demo)")[1].splitlines()[3:6])
+    assert " ".join(DEMO) in demo, demo
 
     cfg = molere.Config(**rows["lrw-random"]["config"])
     data = molere_data.load_data(cfg, torch.device("cpu"))
