@@ -138,10 +138,10 @@ class Config:
     noise: str = knob("none", "label noise on the pool, fixed for every seed: none | uniform:p (to another "
                               "class, uniformly) | pair:p (to the next class) | instance:p (Xia et al. "
                               "2020: whether and where a label moves depends on the image)")
-    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images of S with "
-                                  "their true labels) | folder:PATH (PATH/<class>/*, classes named as in "
-                                  "training: images from outside S, the paper's Table 4): every reweighting "
-                                  "method's fixed S_val but MOLERE's")
+    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images of S "
+                                  "with their true labels) | folder:PATH (PATH/<class>/*, classes named as "
+                                  "in training: images from outside S, the paper's Table 4): every "
+                                  "reweighting method's fixed S_val but MOLERE's")
 
     def __post_init__(self):  # numbers as the CLI gives them, so Config(dropout=0) is Config(dropout=0.0)
         for f in fields(self):
@@ -516,7 +516,10 @@ def fast_path(losses, loss_jvp):
         `grads` = G at the current w~, which the classifier step has just computed for the same
         batch (all zeros: theta' = theta, L2RW's w~ = 0). `model` is any module whose forward
         returns logits or a tuple that starts with them. Then for any weighting w~(phi) that does
-        not depend on theta in the graph: dL_val/dphi = autograd.grad(w~, phi, grad_outputs=g)."""
+        not depend on theta in the graph: dL_val/dphi = autograd.grad(w~, phi, grad_outputs=g).
+        Under torchrun each process holds its share of both batches: v and L_val are averaged
+        over the processes and B is the whole batch (`world_mean`, `world`: the identity and 1 in
+        one process; copy them along, or drop them for one process)."""
         theta1 = {n: (p.detach() - alpha * g).requires_grad_()
                   for (n, p), g in zip(model.named_parameters(), grads)}
         loss_val = losses(model, theta1, xv, yv).mean()
@@ -572,7 +575,8 @@ class Run:
         self.model = make_model(cfg, data.classes).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.net = self.model if world() == 1 else nn.parallel.DistributedDataParallel(  # torchrun: G all-reduced
+        # torchrun: the classifier's forward and backward through DDP, which all-reduces G
+        self.net = self.model if world() == 1 else nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.fwd = torch.compile(self.net) if compile else self.net  # plain steps, evaluation: no replay
         self.weight_grad = weight_grad_compiled if compile else weight_grad_fast  # the look-ahead and JVP

@@ -273,6 +273,25 @@ class Data:
     y_meta: torch.Tensor = None
 
 
+def meta_set(cfg, y_true, classes, names, workers):
+    """--meta-set: (meta_mask over S, the outside images and their labels). clean:N marks N
+    class-balanced images of S; folder:PATH marks none of S and reads PATH's images, labelled by
+    the training class `names`; split: nothing (None, None, None)."""
+    if cfg.meta_set.startswith("folder:"):  # S_tr = S for every method; S_val these images
+        paths, _, y_meta = scan_folder(cfg.meta_set[7:], names)
+        return torch.zeros(len(y_true), dtype=torch.bool), FolderImages(paths, cfg.image_size, workers), y_meta
+    if cfg.meta_set == "split":
+        return None, None, None
+    n = int(cfg.meta_set.split(":")[1])
+    counts = torch.bincount(y_true, minlength=classes)
+    if n < classes or n > int(counts.min()) * classes // 2:
+        raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
+                        f"{int(counts.min()) * classes // 2} (half the smallest class, times {classes})")
+    meta_mask = torch.zeros(len(y_true), dtype=torch.bool)
+    meta_mask[balanced_subset(y_true, n, classes)] = True
+    return meta_mask, None, None
+
+
 def load_data(cfg, device, data_root="data", download=True, workers=0):
     """The pool S (subset, class skew, noise, meta set: each fixed for every seed) and the
     untouched test split, on the device (a folder's images: read from disk by `workers` processes)."""
@@ -297,19 +316,9 @@ def load_data(cfg, device, data_root="data", download=True, workers=0):
     if cfg.noise != "none":
         pixels = x.thumbnails() if cfg.noise.startswith("instance") and not torch.is_tensor(x) else x
         y = add_noise(y, cfg.noise, classes, pixels)
-    meta_mask = x_meta = y_meta = None
-    if cfg.meta_set.startswith("folder:"):  # S_tr = S for every method; S_val these images
-        paths, _, y_meta = scan_folder(cfg.meta_set[7:], names)
-        x_meta, meta_mask = FolderImages(paths, cfg.image_size, workers), torch.zeros(len(y), dtype=torch.bool)
-    elif cfg.meta_set != "split":
-        n = int(cfg.meta_set.split(":")[1])
-        counts = torch.bincount(y_true, minlength=classes)
-        if n < classes or n > int(counts.min()) * classes // 2:
-            raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
-                            f"{int(counts.min()) * classes // 2} (half the smallest class, times {classes})")
-        meta_mask = torch.zeros(len(y), dtype=torch.bool)
-        meta_mask[balanced_subset(y_true, n, classes)] = True
-        y = torch.where(meta_mask, y_true, y)  # the meta set keeps its true labels
+    meta_mask, x_meta, y_meta = meta_set(cfg, y_true, classes, names, workers)
+    if cfg.meta_set.startswith("clean:"):
+        y = torch.where(meta_mask, y_true, y)  # the clean meta set keeps its true labels
     if torch.is_tensor(x):
         xf = x.float() / 255
         mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))

@@ -15,7 +15,6 @@ import molere
 import molere_cli
 import molere_data
 from kernels import weighted_cross_entropy
-from tools.toy_folder import write_folder  # noqa: F401 (the tests' image folders)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,8 +13,9 @@ import molere
 import molere_cli
 import molere_data
 import molere_io
-from helpers import ROOT, fresh_seed, run_main, write_folder
+from helpers import ROOT, fresh_seed, run_main
 from tools import toy_folder
+from tools.toy_folder import write_folder
 
 SIZE = 32
 
@@ -129,3 +130,19 @@ def test_bad_folders_and_flags_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, (extra, err)
         assert not out.exists() or not any(out.glob("*.pt")), extra  # nothing trained
+
+
+def test_subset_skew_noise_and_clean_meta_set_on_a_folder(tmp_path):
+    """--train-subset, --imbalance, --noise and --meta-set clean:N pick images of a folder as they
+    pick CIFAR's: each kept image still carries its own folder's class as y_true, the skew holds,
+    the clean meta set keeps its true labels."""
+    root = tiny_tree(tmp_path, classes=("a", "b", "c", "d"), train=10)
+    cfg = molere.Config(dataset=f"folder:{root}", image_size=SIZE, train_subset=32, imbalance=4.0,
+                        noise="uniform:0.5", meta_set="clean:4")
+    data = molere_data.load_data(cfg, torch.device("cpu"))
+    counts = torch.bincount(data.y_true, minlength=4).tolist()
+    assert counts == [8, 5, 3, 2], counts  # 8 * 4^(-c/3) of the balanced 8 per class
+    names = [os.path.basename(os.path.dirname(p)) for p in data.x.paths]
+    assert names == [["a", "b", "c", "d"][c] for c in data.y_true.tolist()]
+    assert data.noisy.any() and torch.equal(data.y[data.meta_mask], data.y_true[data.meta_mask])
+    assert int(data.meta_mask.sum()) == 4
