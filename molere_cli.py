@@ -102,6 +102,21 @@ class EpochBudget:
                 raise StopAfter
 
 
+def agree(value):
+    """Under torchrun, rank 0's value in every process: the plan's decisions (skip, resume, which
+    ERM model) must be the same everywhere, or the processes would wait on each other forever."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def lock(path, **how):
+    """molere_io.run_lock, taken by rank 0 only under torchrun (the others follow its decisions)."""
+    return run_lock(path, **how) if rank() == 0 else contextlib.nullcontext(True)
+
+
 def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     """Train one (method, seed) to the end with molere.train, from its checkpoint where --resume
     finds one, else from `val_mask` (molere.initial_split); after every epoch the test accuracy
@@ -109,7 +124,7 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     Returns the run and its result record."""
     path, tag = checkpoint_path(rt, cfg, method, seed), f"[{method} seed {seed}]"
     run = Run(cfg, method, seed, data, rt.device, rt.compile)
-    if rt.resume and has_checkpoint(path):
+    if agree(rt.resume and has_checkpoint(path)):  # torchrun: every process resumes, or none
         restore(run, read_checkpoint(path, config_record(cfg)))
         print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
     else:
@@ -306,21 +321,6 @@ def check_plan(cfg, rt, plan, seeds, data):
                 read_checkpoint(path, config_record(cfg))
 
 
-def agree(value):
-    """Under torchrun, rank 0's value in every process: the plan's decisions (skip, resume, which
-    ERM model) must be the same everywhere, or the processes would wait on each other forever."""
-    if world() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def lock(path, **how):
-    """molere_io.run_lock, taken by rank 0 only under torchrun (the others follow its decisions)."""
-    return run_lock(path, **how) if rank() == 0 else contextlib.nullcontext(True)
-
-
 def finished_erm(cfg, rt, seed, data, budget):
     """The ERM model of this config and seed, for the train-twice margins (trained if needed),
     and its result record if it was trained here."""
@@ -442,8 +442,9 @@ def main(argv=None, handle_sigterm=False):
         print(f"stopped after {args.stop_after} epoch(s) (--stop-after); continue with --resume", flush=True)
         return
     except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished epoch is checkpointed in {rt.out}; "
-              f"rerun the same command with --resume to continue", file=sys.stderr)
+        if rank() == 0:
+            print(f"\ninterrupted: every finished epoch is checkpointed in {rt.out}; "
+                  f"rerun the same command with --resume to continue", file=sys.stderr)
         sys.exit(130)
     print(report_table(read_results(results_path, config_hash(cfg)), cfg.dataset))
     if world() > 1:
