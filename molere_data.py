@@ -112,26 +112,27 @@ def instance_noise(x, y, p, classes, g):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def crop_params(path):
-    """The random part of the standard ImageNet training transform for one image: a
-    RandomResizedCrop box (scale 0.08-1, aspect 3/4-4/3) and a coin for the horizontal flip,
-    drawn from torch's RNG in the calling thread or worker, so reads in any thread stay seeded."""
+def crop_params(path, seed):
+    """The random part of the standard ImageNet training transform for one image: torchvision's
+    RandomResizedCrop box (scale 0.08-1, aspect 3/4-4/3), then the coin of its horizontal flip,
+    drawn as torchvision draws them from a generator seeded with `seed` (each image its own
+    seed: the crops do not depend on which process or thread reads the image, or when)."""
     try:
-        with Image.open(path) as im:  # the header only: the size
-            box = TV.RandomResizedCrop.get_params(im, (0.08, 1.0), (3 / 4, 4 / 3))
+        with Image.open(path) as im, torch.random.fork_rng(devices=[]):  # the header only: the size
+            torch.manual_seed(seed)
+            return (*TV.RandomResizedCrop.get_params(im, (0.08, 1.0), (3 / 4, 4 / 3)), bool(torch.rand(1) < 0.5))
     except (OSError, ValueError):
         return None  # unreadable: `read_image` says so
-    return (*box, bool(torch.rand(1) < 0.5))
 
 
-def read_image(path, size, augment, params=None):
+def read_image(path, size, augment, params=None, seed=0):
     """One image as the network sees it, (3, size, size) normalised with ImageNet's statistics,
     and "" or, where it cannot be read, its path (and a black image): training and validation
-    batches (augment) crop `params` (drawn here if not given) and flip; evaluation resizes to
-    size * 8/7 and centre-crops, as torchvision's ImageNet recipe."""
+    batches (augment) crop `params` (drawn here with `seed` if not given) and flip; evaluation
+    resizes to size * 8/7 and centre-crops, as torchvision's ImageNet recipe."""
     try:
         if augment and params is None:
-            params = crop_params(path)
+            params = crop_params(path, seed)
         with Image.open(path) as im:
             im = im.convert("RGB")
         if augment:
@@ -147,16 +148,21 @@ def read_image(path, size, augment, params=None):
 
 
 class ReadImages(torch.utils.data.Dataset):
-    """`read_image` of each path, for a DataLoader whose workers draw their own crops."""
+    """`read_image` of each path for a DataLoader, image i's crop seeded with base + i."""
 
-    def __init__(self, paths, size, augment):
-        self.paths, self.size, self.augment = paths, size, augment
+    def __init__(self, paths, size, augment, base):
+        self.paths, self.size, self.augment, self.base = paths, size, augment, base
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return read_image(self.paths[i], self.size, self.augment)
+        return read_image(self.paths[i], self.size, self.augment, seed=self.base + i)
+
+
+def seed_base():
+    """One draw of torch's RNG for a whole read (an epoch ahead, or one batch): the images' seeds."""
+    return int(torch.randint(2**62, (1,)))
 
 
 def read(batches):
@@ -174,8 +180,9 @@ class FolderImages:
     nothing; `load(idx, augment)` returns the images at those positions (`read_image`) on the
     device. The epoch's training batches, announced in order by `expect`, are read ahead by one
     DataLoader with `workers` processes while the device trains; the few other reads (validation
-    and splitter batches, evaluation) are read when asked for by `workers` threads, their random
-    crops drawn first in the calling thread, so a run is the same run whatever the timing."""
+    and splitter batches, evaluation) are read when asked for by `workers` threads. Every random
+    crop comes from its image's own seed (`crop_params`), so a run is the same run whatever
+    --workers and the timing."""
 
     def __init__(self, paths, size, workers=0, device=torch.device("cpu")):
         self.paths, self.size, self.workers, self.device = list(paths), size, workers, device
@@ -197,8 +204,9 @@ class FolderImages:
 
     def expect(self, batches, augment):
         self.expected, self.ahead_augment = deque(batches.tolist()), augment
-        self.ahead = iter(torch.utils.data.DataLoader(ReadImages(self.paths, self.size, augment),
-                                                      batch_sampler=list(self.expected), num_workers=self.workers))
+        read = ReadImages(self.paths, self.size, augment, seed_base())
+        self.ahead = iter(torch.utils.data.DataLoader(read, batch_sampler=list(self.expected),
+                                                      num_workers=self.workers))
 
     def load(self, idx, augment):
         pos = list(range(len(self.paths))[idx]) if isinstance(idx, slice) else idx.tolist()
@@ -207,7 +215,8 @@ class FolderImages:
             x = read([next(self.ahead)])[0]
         else:
             paths = [self.paths[i] for i in pos]
-            params = [crop_params(p) if augment else None for p in paths]  # the random draws, in order
+            base = seed_base()
+            params = [crop_params(p, base + k) if augment else None for k, p in enumerate(paths)]
             one = lambda a: read_image(a[0], self.size, augment, a[1])
             x = read([stacked(self.map(one, zip(paths, params)))])[0]
         return x.to(self.device, non_blocking=True)

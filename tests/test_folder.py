@@ -50,12 +50,29 @@ def test_folder_images_are_read_as_torchvision_reads_them(tmp_path, workers):
     augmented = torchvision.datasets.ImageFolder(os.path.join(root, "train"), T.Compose([
         T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
         T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
-    state = torch.get_rng_state()
-    want = torch.stack([augmented[i][0] for i in idx.tolist()])  # torchvision's crops and flips ...
-    torch.set_rng_state(state)
-    got = x.load(idx, augment=True)  # ... drawn the same from the same RNG, whatever thread reads
-    torch.testing.assert_close(got, want)
-    assert not torch.allclose(got, x.load(idx, augment=True))
+    for i in idx.tolist():  # each image's crop and flip: torchvision's, drawn from its own seed
+        torch.manual_seed(1000 + i)
+        torch.testing.assert_close(molere_data.read_image(x.paths[i], SIZE, True, seed=1000 + i)[0], augmented[i][0])
+
+
+def test_random_crops_do_not_depend_on_the_number_of_workers(tmp_path):
+    """The same RNG state gives the same augmented batches, read ahead and on demand, and leaves
+    the RNG in the same state, with 0 and with 2 workers; two epochs' crops differ."""
+    root = tiny_tree(tmp_path)
+    seed = fresh_seed()
+    batches, idx = torch.randperm(36)[:30].view(3, 10), torch.randint(36, (12,))
+    seen = []
+    for workers in (0, 2):
+        x = molere_data.load_folder(root, SIZE, workers)[0]
+        torch.manual_seed(seed)
+        x.expect(batches, augment=True)
+        ahead = [x.load(b, augment=True) for b in batches]
+        seen.append((ahead, x.load(idx, augment=True), torch.get_rng_state()))
+        assert not torch.allclose(x.load(batches[0], augment=True), ahead[0])  # another read, other crops
+    for (a0, d0, r0), (a2, d2, r2) in [seen]:
+        for u, v in zip(a0 + [d0], a2 + [d2]):
+            torch.testing.assert_close(u, v)
+        assert torch.equal(r0, r2)
 
 
 DEMO = ["--image-size", str(SIZE), "--arch", "tv:resnet18", "--lr", "0.01", "--noise", "instance:0.3", "--method",
