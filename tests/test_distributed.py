@@ -82,7 +82,7 @@ def test_two_processes_with_half_batches_compute_what_one_process_computes(tmp_p
 def test_torchrun_trains_each_run_once_from_rank_0_and_resumes(tmp_path):
     """The command line under torchrun with 2 CPU processes (gloo): stopped after one epoch and
     resumed, every run of the plan ends with one record and one progress line per epoch."""
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "molere.py",
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "molere.py",
            "--dataset", "synthetic", "--train-subset", "200", "--method", "lrw-random,molere", "--epochs", "2",
            "--device", "cpu", "--threads", "1", "--out", str(tmp_path), "--resume"] + TINY
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -95,6 +95,6 @@ def test_torchrun_trains_each_run_once_from_rank_0_and_resumes(tmp_path):
     rows = molere_io.read_results(str(tmp_path / "results.jsonl"))
     assert sorted(r["method"] for r in rows) == ["lrw-random", "molere"]
     assert all(len(r["log"]) == 2 for r in rows)
-    bad = subprocess.run(run[:5] + ["molere.py", "--dataset", "synthetic", "--batch-size", "25", "--out",
+    bad = subprocess.run(run[:6] + ["molere.py", "--dataset", "synthetic", "--batch-size", "25", "--out",
                                     str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and bad.stderr.count("must split evenly over the 2 torchrun processes") == 1
