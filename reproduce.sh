@@ -130,12 +130,18 @@ case "$cmd" in
     pilot() { local name=$1; shift; "$PY" molere.py --data-root "$root" "${CIFAR10_ANCHOR[@]}" --threads 1 \
                 --out "$out/$name" "$@"; }
     # as they ran (2026-11-29): the loss variant passed on seed 0, so its confirmation (seeds 1, 2)
-    # took a third queue, ahead of the last pilot (K = 1 with the loss)
+    # took a third queue, ahead of the last pilot (K = 1 with the loss); K = 1 passed on seed 0, so
+    # its confirmation took a fourth; two more queues finished what the first ones had left
     { pilot loss --method lrw-random --seeds 0 --meta-input features+loss
       pilot k1 --method lrw-random --seeds 0 --K 1; } >> "$out/queue-a.log" 2>&1 &
     pilot mwn-none --method mwn --seeds 0 1 2 --weight-norm none >> "$out/queue-b.log" 2>&1 &
     { sleep 60; pilot loss --method lrw-random --seeds 1 2 --meta-input features+loss
       pilot k1-loss --method lrw-random --seeds 0 --K 1 --meta-input features+loss; } >> "$out/queue-c.log" 2>&1 &
+    wait
+    pilot k1 --method lrw-random --seeds 1 2 --K 1 >> "$out/queue-d.log" 2>&1
+    pilot k1-loss --method lrw-random --seeds 0 2 --K 1 --meta-input features+loss >> "$out/queue-e1.log" 2>&1 &
+    { pilot mwn-none --method mwn --seeds 2 --weight-norm none
+      pilot k1-loss --method lrw-random --seeds 1 --K 1 --meta-input features+loss; } >> "$out/queue-e2.log" 2>&1 &
     wait
     "$PY" -m tools.analyze --compare results/cifar10-anchor/results.jsonl "$out"/*/results.jsonl ;;
   gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
