@@ -281,7 +281,7 @@ def test_classifier_step_with_zero_weights_for_a_class_does_not_learn_it():
     ref = torch.autograd.grad(ref_loss, list(model.parameters()))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # 0.5 diverged to NaN for some seeds (695272257)
     with torch.no_grad():
         p_before = F.softmax(model(x)[0], 1)
     for _ in range(30):
