@@ -115,8 +115,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def crop_params(path, seed):
     """The random part of the standard ImageNet training transform for one image: torchvision's
     RandomResizedCrop box (scale 0.08-1, aspect 3/4-4/3), then the coin of its horizontal flip,
-    drawn as torchvision draws them from a generator seeded with `seed` (each image its own
-    seed: the crops do not depend on which process or thread reads the image, or when)."""
+    drawn as torchvision draws them, from torch's RNG seeded with `seed` and restored after. Each
+    image has its own seed, so its crop does not depend on which process reads it, or when. It
+    uses the process's RNG: call it from one thread (FolderImages' threads get the results)."""
     try:
         with Image.open(path) as im, torch.random.fork_rng(devices=[]):  # the header only: the size
             torch.manual_seed(seed)
