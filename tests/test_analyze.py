@@ -93,3 +93,45 @@ def test_meta_signal_measures_each_weight_net(tmp_path, capsys, monkeypatch):
     assert [r[3] for r in rows] == list(meta_signal.NETS)
     for r in rows:
         assert float(r[4]) == 1.0 and 0 <= float(r[2]) <= 1 and -1 <= float(r[5]) <= 1
+
+
+def test_meta_signal_measure_against_the_reference_and_a_real_step(tmp_path):
+    """meta_signal.measure on a tiny noisy run: each pair's meta-gradient equals the create_graph
+    reference written out in helpers (same batch, dropout masks and validation batch), and the
+    sign of its alignment is what a small step of phi along -mean d does to the flipped-minus-
+    clean weight gap (above 0: the gap falls)."""
+    from helpers import fresh_seed, meta_grad_reference
+    from tools import meta_signal
+    import molere
+    from collections import defaultdict
+    torch.manual_seed(fresh_seed())
+    _, cfg, rt, data = molere_cli.setup(["--dataset", "synthetic", "--train-subset", "200", "--depth", "10",
+                                         "--width", "1", "--dropout", "0", "--epochs", "2", "--batch-size", "20",
+                                         "--noise", "uniform:0.4", "--meta-set", "clean:20", "--hidden", "8",
+                                         "--method", "lrw-random", "--device", "cpu", "--out", str(tmp_path)])
+    run = molere.Run(cfg, "lrw-random", 0, data, rt.device)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, 0)
+    val_idx = run.val_mask.nonzero().squeeze(1)
+    pairs = [(idx, val_idx) for idx in molere.epoch_batches(run, cfg)[:3]]
+    _, alignment, _, d, ideal = meta_signal.measure(run, data, cfg, pairs)
+    for (idx, _), row in zip(pairs, d):
+        torch.manual_seed(int(idx[0]))  # as measure draws them
+        (x, y, h, rng), _, _ = molere.classifier_step(run, data, cfg, idx, defaultdict(list), meta_next=True)
+        xv, yv = molere.validation_batch(run, data, cfg, val_idx)
+        _, ref = meta_grad_reference(run.model, run.meta, x, y, h, xv, yv, run.opt.param_groups[0]["lr"], rng)
+        torch.testing.assert_close(row, torch.cat([t.flatten() for t in ref]), rtol=1e-3, atol=1e-6)
+    assert abs(alignment) > 0.05, alignment  # a measurable direction (the step below must show it)
+    train_idx = (~run.val_mask).nonzero().squeeze(1)
+    noisy = data.noisy[train_idx]
+
+    def gap():
+        with torch.no_grad():
+            w = meta_signal.weights_of(run, data, train_idx)
+        return float(w[noisy].mean() - w[~noisy].mean())
+
+    before, step = gap(), -d.mean(0)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector(run.meta.parameters()) + 1e-2 * step / step.norm(),
+            run.meta.parameters())
+    assert (gap() < before) == (alignment > 0), (before, gap(), alignment)

@@ -42,7 +42,8 @@ def weights_of(run, data, idx):
 
 def measure(run, data, cfg, pairs):
     """consistency and alignment of the meta-gradient of run.meta over the given batch pairs,
-    and the per-sample g of every pair (with its image indices)."""
+    the per-sample g of every pair (with its image indices), and the pairs' meta-gradients d
+    (one row each) and `ideal` (the gradient of the flipped-minus-clean weight gap)."""
     phi = list(run.meta.parameters())
     train_idx = (~run.val_mask).nonzero().squeeze(1)
     noisy = data.noisy[train_idx]
@@ -63,7 +64,7 @@ def measure(run, data, cfg, pairs):
     d = torch.stack(d)
     consistency = float(d.mean(0).norm() / d.norm(dim=1).mean())
     alignment = float(torch.nn.functional.cosine_similarity(-d.mean(0), -ideal, dim=0))
-    return consistency, alignment, gs
+    return consistency, alignment, gs, d, ideal
 
 
 def main():
@@ -97,7 +98,7 @@ def main():
             run.model.load_state_dict(erm.model.state_dict())
             run.opt.load_state_dict(erm.opt.state_dict())  # the scheduled lr: the look-ahead's alpha
             run.val_mask = erm.val_mask
-            consistency, alignment, gs = measure(run, data, cfg, pairs)
+            consistency, alignment, gs, _, _ = measure(run, data, cfg, pairs)
             if name == "[h, y]":
                 idx, g = (torch.cat(t) for t in zip(*gs))
                 flipped = data.noisy[idx]
