@@ -176,8 +176,11 @@ def world_sum(t):
 
 
 def my_share(idx):
-    """This process's contiguous 1/world of a batch of indices that every process drew alike."""
-    return idx if world() == 1 else idx.view(world(), -1)[rank()]
+    """This process's contiguous 1/world of each batch of indices (the last axis) that every
+    process drew alike."""
+    if world() == 1:
+        return idx
+    return idx.view(*idx.shape[:-1], world(), idx.shape[-1] // world())[..., rank(), :]
 
 # ------------------------------------------------------------------ batches (the pool S: molere_data.py)
 
@@ -737,8 +740,7 @@ def epoch_batches(run, cfg):
     torchrun every process draws the same order and keeps its share of each batch."""
     train_idx = (~run.val_mask).nonzero().squeeze(1)
     order = train_idx[torch.randperm(len(train_idx), device=run.device)]
-    batches = order[:len(order) // cfg.batch_size * cfg.batch_size].view(-1, cfg.batch_size)
-    return torch.stack([my_share(b) for b in batches]) if world() > 1 else batches
+    return my_share(order[:len(order) // cfg.batch_size * cfg.batch_size].view(-1, cfg.batch_size))
 
 
 def train_steps(run, data, cfg, batches):

@@ -166,13 +166,13 @@ def seed_base():
     return int(torch.randint(2**62, (1,)))
 
 
-def read(batches):
-    """The images of (images, unreadable paths) batches, or one line naming the first bad file."""
-    batches = list(batches)
-    unreadable = [p for _, bad in batches for p in bad if p]
+def checked(batch):
+    """The images of an (images, unreadable paths) batch, or one line naming the first bad file."""
+    images, bad = batch
+    unreadable = [p for p in bad if p]
     if unreadable:
         raise DataError(f"cannot read image {unreadable[0]} (not an image, or damaged)")
-    return [x for x, _ in batches]
+    return images
 
 
 class FolderImages:
@@ -185,19 +185,20 @@ class FolderImages:
     crop comes from its image's own seed (`crop_params`), so a run is the same run whatever
     --workers and the timing."""
 
-    def __init__(self, paths, size, workers=0, device=torch.device("cpu")):
+    def __init__(self, paths, size, workers=0, device=torch.device("cpu"), threads=None):
         self.paths, self.size, self.workers, self.device = list(paths), size, workers, device
         self.ahead, self.expected, self.ahead_augment = None, deque(), None
-        self.threads = ThreadPoolExecutor(workers) if workers else None
+        self.threads = threads or (ThreadPoolExecutor(workers) if workers else None)  # a view shares them
 
     def __len__(self):
         return len(self.paths)
 
+    def positions(self, idx):
+        return list(range(len(self.paths))[idx]) if isinstance(idx, slice) else idx.tolist()
+
     def __getitem__(self, idx):
-        pos = range(len(self.paths))[idx] if isinstance(idx, slice) else idx.tolist()
-        view = FolderImages([], self.size, 0, self.device)
-        view.paths, view.workers, view.threads = [self.paths[i] for i in pos], self.workers, self.threads
-        return view
+        return FolderImages([self.paths[i] for i in self.positions(idx)], self.size, self.workers, self.device,
+                            self.threads)
 
     def to(self, device):
         self.device = device
@@ -210,16 +211,16 @@ class FolderImages:
                                                       num_workers=self.workers))
 
     def load(self, idx, augment):
-        pos = list(range(len(self.paths))[idx]) if isinstance(idx, slice) else idx.tolist()
+        pos = self.positions(idx)
         if self.expected and pos == self.expected[0] and augment == self.ahead_augment:  # the epoch's next batch
             self.expected.popleft()
-            x = read([next(self.ahead)])[0]
+            x = checked(next(self.ahead))
         else:
             paths = [self.paths[i] for i in pos]
             base = seed_base()
             params = [crop_params(p, base + k) if augment else None for k, p in enumerate(paths)]
             one = lambda a: read_image(a[0], self.size, augment, a[1])
-            x = read([stacked(self.map(one, zip(paths, params)))])[0]
+            x = checked(stacked(self.map(one, zip(paths, params))))
         return x.to(self.device, non_blocking=True)
 
     def map(self, fn, items):
@@ -233,11 +234,11 @@ class FolderImages:
                     return TF.pil_to_tensor(im.convert("RGB").resize((side, side), Image.BILINEAR)), ""
             except (OSError, ValueError):
                 return torch.zeros(3, side, side, dtype=torch.uint8), path
-        return read([stacked(self.map(small, self.paths))])[0]
+        return checked(stacked(self.map(small, self.paths)))
 
 
 def stacked(results):
-    """[(image, bad path)] -> (images stacked, [bad paths]): one batch as `read` takes it."""
+    """[(image, bad path)] -> (images stacked, [bad paths]): one batch as `checked` takes it."""
     return torch.stack([x for x, _ in results]), [bad for _, bad in results]
 
 

@@ -69,10 +69,10 @@ def test_random_crops_do_not_depend_on_the_number_of_workers(tmp_path):
         ahead = [x.load(b, augment=True) for b in batches]
         seen.append((ahead, x.load(idx, augment=True), torch.get_rng_state()))
         assert not torch.allclose(x.load(batches[0], augment=True), ahead[0])  # another read, other crops
-    for (a0, d0, r0), (a2, d2, r2) in [seen]:
-        for u, v in zip(a0 + [d0], a2 + [d2]):
-            torch.testing.assert_close(u, v)
-        assert torch.equal(r0, r2)
+    (ahead0, demand0, rng0), (ahead2, demand2, rng2) = seen
+    for u, v in zip(ahead0 + [demand0], ahead2 + [demand2]):
+        torch.testing.assert_close(u, v)
+    assert torch.equal(rng0, rng2)
 
 
 DEMO = ["--image-size", str(SIZE), "--arch", "tv:resnet18", "--lr", "0.01", "--noise", "instance:0.3", "--method",
