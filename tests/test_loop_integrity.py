@@ -45,9 +45,10 @@ def test_meta_step_moves_phi_down_the_reference_meta_gradient_at_the_scheduled_l
     _, ref = meta_grad_reference(run.model, meta_before, x, y, h, xv, yv, alpha, rng, "batch")
     step = flat(run.meta.parameters()) - flat(meta_before.parameters())
     assert flat(ref).norm() > 1e-7
-    # float32, fast path against create_graph: about 1e-5 of the whole vector; a sign, a factor
-    # of 5 in alpha, a dropped normalisation or another validation batch are errors of order 1
-    assert (step + eta * flat(ref)).norm() / (eta * flat(ref)).norm() < 1e-3
+    # float32, fast path against create_graph: about 1e-5 of the whole vector, up to 2e-3 where
+    # the meta-gradient is tiny (MW-Net, seed 78962953: norm 4e-5); a sign, a factor of 5 in
+    # alpha, a dropped normalisation or another validation batch are errors of order 1
+    assert (step + eta * flat(ref)).norm() / (eta * flat(ref)).norm() < 1e-2
 
 
 def test_splitter_step_descends_specs_loss_on_the_right_images():
