@@ -114,12 +114,18 @@ class Config:
     weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's "
                                      "class-imbalance code) | none (the paper's literal sum; MW-Net's "
                                      "noisy-label script)")
-    meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi")
+    meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi (see --meta-lr-per)")
+    meta_lr_per: str = knob("meta-step", "what --meta-lr is per: meta-step (Adam's lr is --meta-lr) | step (per "
+                                         "classifier step: Adam's lr is --meta-lr x the classifier steps between "
+                                         "two meta steps, K, so phi may move as far per epoch at any K)")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
     hidden: int = knob(100, "hidden units of the meta-network and the splitter")
     meta_input: str = knob("features+loss", "what our meta-network g_phi sees: features+loss ([h(x), "
                                             "onehot(y)] and the sample's detached loss) | features ([h(x), "
                                             "onehot(y)] only: before 2026-11-29; RESULTS section 7)")
+    meta_init: str = knob("uniform", "how g_phi's first layer starts: uniform (torch's default for every input) | "
+                                     "loss-first (with --meta-input features+loss: the weights on h and y start "
+                                     "at 0, so g_phi starts as a function of the loss alone and grows into (x, y))")
     warmup_epochs: int = knob(25, "MOLERE: epochs on a random split before the splitter's")
     resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
     lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
@@ -363,12 +369,16 @@ class SampleNet(nn.Module):
       meta-network  g_phi(x, y)           = sigmoid(logit), the instance weight in (0, 1)
       splitter      P_Theta(val | x, y)   = sigmoid(logit)"""
 
-    def __init__(self, features, classes, hidden, p0=0.5, extra=0):
+    def __init__(self, features, classes, hidden, p0=0.5, extra=0, init="uniform"):
         super().__init__()
         self.features, self.classes, self.extra = features, classes, extra
         self.net = nn.Sequential(nn.Linear(features + extra + classes, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
         nn.init.constant_(self.net[2].bias, math.log(p0 / (1 - p0)))  # start at sigmoid = p0
+        if init == "loss-first" and extra:  # start on the extra columns alone; h and y enter as phi learns
+            with torch.no_grad():
+                self.net[0].weight[:, :features].zero_()
+                self.net[0].weight[:, features + extra:].zero_()
 
     def forward(self, h, y):
         dtype = self.net[0].weight.dtype  # tiny: runs in its own dtype, never autocast
@@ -587,14 +597,15 @@ class Run:
         self.spec = METHODS[method]
         extra = int(cfg.meta_input == "features+loss")  # the loss as one more input column
         self.meta = (LossNet(cfg.hidden) if self.spec.weights == "loss" else
-                     SampleNet(feats, data.classes, cfg.hidden, extra=extra)).to(device)
+                     SampleNet(feats, data.classes, cfg.hidden, extra=extra, init=cfg.meta_init)).to(device)
         self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, sorted({round(f * cfg.epochs) for f in cfg.milestones}), cfg.gamma)
-        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr,
-                                         weight_decay=self.spec.meta_wd)
+        self.K = 1 if self.spec.every_step else cfg.K  # classifier steps per meta step
+        self.opt_meta = torch.optim.Adam(self.meta.parameters(), weight_decay=self.spec.meta_wd,
+                                         lr=cfg.meta_lr * (self.K if cfg.meta_lr_per == "step" else 1))
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
         self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
         self.epoch = self.step = 0
@@ -752,7 +763,6 @@ def train_steps(run, data, cfg, batches):
     val_idx = run.val_mask.nonzero().squeeze(1)
     stats = defaultdict(list)
     run.model.train()
-    K = 1 if run.spec.every_step else cfg.K
     seen = dict(w=torch.full((len(data.y),), float("nan"), device=run.device),
                 fit=torch.zeros(len(data.y), dtype=torch.bool, device=run.device),
                 phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone())
@@ -761,7 +771,7 @@ def train_steps(run, data, cfg, batches):
         if run.spec.weights == "l2rw":
             update, w, fit = l2rw_step(run, data, cfg, idx, val_idx, stats)
         else:
-            meta_now = run.reweights and run.step % K == 0
+            meta_now = run.reweights and run.step % run.K == 0
             batch, w, fit = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
             if meta_now:
                 meta_step(run, data, cfg, batch, val_idx, stats)

@@ -40,7 +40,7 @@ class Runtime:
 # of a run's identity at that value (what a record without the key means), so earlier records and
 # checkpoints still match, even should a default change later.
 LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="",
-             image_size=224)
+             image_size=224, meta_lr_per="meta-step", meta_init="uniform")
 
 
 def config_record(cfg):

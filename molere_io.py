@@ -71,7 +71,8 @@ def config_problem(cfg):
          f"--arch must be wrn, resnet32 or tv:NAME with NAME a torchvision model (tv:resnet18, tv:resnet50, "
          f"tv:vit_b_16, ...), got {cfg.arch!r}"),
         (not cfg.weights or cfg.arch.startswith("tv:"), "--weights is for --arch tv:NAME only"),
-        choice("meta_input", ("features", "features+loss")),
+        choice("meta_input", ("features", "features+loss")), choice("meta_lr_per", ("meta-step", "step")),
+        choice("meta_init", ("uniform", "loss-first")),
         (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0,
          f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {cfg.depth}"),
         *((getattr(cfg, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(cfg, k)}")

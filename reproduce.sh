@@ -13,6 +13,9 @@
 #                                  (ERM, LRW-Random, MOLERE, MW-Net, L2RW; resumable; WORKERS=2 processes)
 #   bash reproduce.sh cifar10-anchor-pilots its pilots: our meta-network with the loss as input and/or a meta step
 #                                  every step; MW-Net with unnormalised weights (two queues, resumable)
+#   bash reproduce.sh control      the known answer of RESULTS.md section 8: synthetic set, 40% label noise, a clean
+#                                  meta set; ERM, ERM-tr, MW-Net, L2RW, LRW-Random, MOLERE, 5 seeds (minutes a run)
+#   bash reproduce.sh control-pilots its pilots: the meta lr per step, K, g_phi's input, width and initialisation
 #   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
 #                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
 #                                  paper's balanced comparison on it. COPY_TO=DIR copies the table and records there
@@ -82,6 +85,13 @@ CIFAR10_ANCHOR=(--meta-input features --dataset cifar10 --train-subset 2000 --de
                 --resplit-every 5 --eval-every 20 --seeds 0 1 2 --method erm,lrw-random,molere,mwn,l2rw
                 --out results/cifar10-anchor --resume)
 
+# The known answer of RESULTS.md section 8 (SPEC section 9): the built-in synthetic set, 1,000
+# images, 40% uniform label noise, 100 clean class-balanced images as the meta set, no augmentation,
+# 30 epochs of WRN-10-1, where plain training fits nearly every flipped label. Minutes a run.
+CONTROL=(--dataset synthetic --train-subset 1000 --depth 10 --width 1 --dropout 0 --epochs 30 --batch-size 50
+         --no-augment --noise uniform:0.4 --meta-set clean:100 --warmup-epochs 5 --resplit-every 5 --eval-every 0
+         --threads 1 --resume)
+
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
 ARGS=("$@")
@@ -144,6 +154,22 @@ case "$cmd" in
       pilot k1-loss --method lrw-random --seeds 1 --K 1 --meta-input features+loss; } >> "$out/queue-e2.log" 2>&1 &
     wait
     "$PY" -m tools.analyze --compare results/cifar10-anchor/results.jsonl "$out"/*/results.jsonl ;;
+  control-pilots)  # RESULTS.md section 8, pilots: which setting of our meta-network learns in the control
+    out=results/control-pilots
+    mkdir -p "$out"
+    pilot() { local name=$1; shift; "$PY" molere.py "${CONTROL[@]}" --seeds 0 1 --out "$out/$name" "$@"; }
+    { pilot erm --method erm
+      pilot default --method lrw-random --meta-lr-per meta-step --meta-init uniform
+      pilot k1 --method lrw-random --meta-lr-per meta-step --meta-init uniform --K 1
+      pilot step-features --method lrw-random --meta-lr-per step --meta-init uniform --meta-input features
+    } >> "$out/queue-a.log" 2>&1 &
+    { pilot step --method lrw-random --meta-lr-per step --meta-init uniform
+      pilot step-loss-first --method lrw-random --meta-lr-per step --meta-init loss-first
+      pilot step-hidden20 --method lrw-random --meta-lr-per step --meta-init uniform --hidden 20
+      pilot step-lr5e-3 --method lrw-random --meta-lr-per step --meta-init uniform --meta-lr 5e-3
+    } >> "$out/queue-b.log" 2>&1 &
+    wait
+    "$PY" -m tools.analyze --compare "$out"/default/results.jsonl "$out"/*/results.jsonl ;;
   gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
     out=${EVIDENCE_DIR:-runs/gpu-evidence}
     mkdir -p "$out"
