@@ -59,8 +59,10 @@ def test_tables_follow_the_records(tmp_path, capsys):
 def test_compare_names_what_each_pilot_changes_and_reads_its_own_record(tmp_path):
     def record(method, seed, config, val_losses, aucs, acc):
         log = [dict(epoch=e + 1, val_loss=v, w_auc=a, w_sat=0.1 * e) for e, (v, a) in enumerate(zip(val_losses, aucs))]
-        return dict(method=method, seed=seed, config=config, log=log, fit_flipped=0.25, fit_clean=0.5,
-                    test_acc=acc, config_hash="x")
+        # on S_tr (images 0-3 and 6-7) 1 of 4 flipped and 1 of 2 clean labels fitted; the two
+        # clean images of S_val (4, 5), never trained on, must not count (with them: 3 of 4)
+        return dict(method=method, seed=seed, config=config, log=log, noisy=[0, 1, 2, 3], val_mask=[4, 5],
+                    train_margins=[0.2, -0.1, -0.3, 0.0, 0.9, 0.9, 0.4, -0.2], test_acc=acc, config_hash="x")
     study, pilot = tmp_path / "study.jsonl", tmp_path / "pilot.jsonl"
     base = {"K": 5, "weight_norm": "batch"}
     for path, rows in ((study, [record("erm", 0, base, [1.0], [0.5], 30.0),

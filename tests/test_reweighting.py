@@ -181,8 +181,11 @@ def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):
             assert keys <= set(e) and all(0 <= e[k] <= 1 for k in keys - {"dphi"}), (m, e)
         margins, noisy = torch.tensor(rows[m]["train_margins"]), torch.zeros(200, dtype=torch.bool)
         noisy[rows[m]["noisy"]] = True
-        assert rows[m]["fit_flipped"] == pytest.approx(float((margins[noisy] > 0).float().mean()), abs=1e-6)
-        assert rows[m]["fit_clean"] == pytest.approx(float((margins[~noisy] > 0).float().mean()), abs=1e-6)
+        for key, part in (("fit_flipped", noisy), ("fit_clean", ~noisy)):
+            # the record's margins are rounded to 4 decimals: one within 5e-5 of 0 reads 0.0 either
+            # way, so such a tie may count as fitted or not, and nothing else may differ
+            sure, tied = (margins[part] > 0).float().mean(), (margins[part] == 0).float().mean()
+            assert float(sure) - 1e-6 <= rows[m][key] <= float(sure + tied) + 1e-6, (m, key)
     assert rows["mwn"]["log"][-1]["dphi"] > 0
 
 
