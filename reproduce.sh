@@ -154,6 +154,10 @@ case "$cmd" in
       pilot k1-loss --method lrw-random --seeds 1 --K 1 --meta-input features+loss; } >> "$out/queue-e2.log" 2>&1 &
     wait
     "$PY" -m tools.analyze --compare results/cifar10-anchor/results.jsonl "$out"/*/results.jsonl ;;
+  control)  # RESULTS.md section 8: the known answer, every method at today's defaults, seeds that chose nothing
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${CONTROL[@]}" --seeds 100 101 102 103 104 \
+      --method erm,erm-tr,mwn,l2rw,lrw-random,molere --out results/control "$@"
+    "$PY" -m tools.analyze results/control/results.jsonl --figures results/control --into RESULTS.md ;;
   control-pilots)  # RESULTS.md section 8, pilots: which setting of our meta-network learns in the control
     out=results/control-pilots
     mkdir -p "$out"
@@ -168,6 +172,13 @@ case "$cmd" in
       pilot step-hidden20 --method lrw-random --meta-lr-per step --meta-init uniform --hidden 20
       pilot step-lr5e-3 --method lrw-random --meta-lr-per step --meta-init uniform --meta-lr 5e-3
     } >> "$out/queue-b.log" 2>&1 &
+    wait
+    # round 2 (RESULTS.md section 8): how many meta steps the meta level needs
+    { pilot k2 --method lrw-random --meta-lr-per meta-step --meta-init uniform --K 2
+      pilot k2-step --method lrw-random --meta-lr-per step --meta-init uniform --K 2
+    } >> "$out/queue-c.log" 2>&1 &
+    pilot k1-loss-first --method lrw-random --meta-lr-per meta-step --meta-init loss-first --K 1 \
+      >> "$out/queue-d.log" 2>&1 &
     wait
     "$PY" -m tools.analyze --compare "$out"/default/results.jsonl "$out"/*/results.jsonl ;;
   gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
@@ -189,6 +200,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac
