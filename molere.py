@@ -109,13 +109,15 @@ class Config:
     gamma: float = knob(0.2, "learning-rate decay factor at each milestone")
     # LRW and MOLERE
     delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
-    K: int = knob(5, "meta-network and splitter update every K classifier steps")
+    K: int = knob(5, "meta-network and splitter update every K classifier steps (see --meta-steps-min)")
+    meta_steps_min: int = knob(270, "a run makes at least this many meta steps: K is lowered (to 1 at the least) "
+                                  "where --epochs x steps an epoch / K would be fewer; 0: K as given")
     meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
     weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's "
                                      "class-imbalance code) | none (the paper's literal sum; MW-Net's "
                                      "noisy-label script)")
     meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi (see --meta-lr-per)")
-    meta_lr_per: str = knob("meta-step", "what --meta-lr is per: meta-step (Adam's lr is --meta-lr) | step (per "
+    meta_lr_per: str = knob("step", "what --meta-lr is per: meta-step (Adam's lr is --meta-lr) | step (per "
                                          "classifier step: Adam's lr is --meta-lr x the classifier steps between "
                                          "two meta steps, K, so phi may move as far per epoch at any K)")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
@@ -451,13 +453,19 @@ def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda
     return loss, dict(fit=fit.detach(), l_val=l_val.detach(), r_size=r_size.detach(), r_bal=r_bal.detach())
 
 
+def per_class_k(counts, delta):
+    """How many of a class's n_c samples go to the validation split: round(delta * n_c), at
+    least 1 and at most n_c - 1."""
+    return torch.minimum((counts * delta).round().long().clamp(min=1), counts - 1).clamp(min=0)
+
+
 def per_class_topk(scores, labels, delta, classes):
     """Boolean mask of the validation split: within each class c with n_c samples, the
     k_c = round(delta * n_c) samples of highest score (at least 1, at most n_c - 1), so the
     split has an exact size, exact label balance and is never empty. Used with splitter
     scores (MOLERE), -margin (LRW-Hard), margin (LRW-Easy) and random scores."""
     counts = torch.bincount(labels, minlength=classes)
-    k = torch.minimum((counts * delta).round().long().clamp(min=1), counts - 1).clamp(min=0)
+    k = per_class_k(counts, delta)
     order = torch.argsort(scores, descending=True, stable=True)
     order = order[torch.argsort(labels[order], stable=True)]  # by class, then by score
     start = torch.cumsum(counts, 0) - counts
@@ -578,6 +586,27 @@ def l2rw_weights(model, x, y, xv, yv, alpha, rng, weight_grad=weight_grad_fast):
 # ------------------------------------------------------------------------- one training step, in three parts
 
 
+def split_size(method, data, delta):
+    """|S_val| of the split `initial_split` gives the method (every later split has the same size)."""
+    split = METHODS[method].split
+    if split == "none":
+        return 0
+    if data.meta_mask is not None and split != "splitter":
+        return int(data.meta_mask.sum())
+    return int(per_class_k(torch.bincount(data.y, minlength=data.classes), delta).sum())
+
+
+def meta_every(cfg, spec, n_train):
+    """Classifier steps per meta step (and splitter step): 1 for MW-Net and L2RW; else K, lowered
+    where a run would make fewer than cfg.meta_steps_min meta steps (RESULTS section 8: the meta
+    level needs a number of meta-gradients, not only a distance to move). The paper's CIFAR-100
+    run (200 epochs of 351 steps) keeps K = 5 for any minimum up to 14,040."""
+    if spec.every_step:
+        return 1
+    steps = cfg.epochs * (n_train // cfg.batch_size)
+    return max(1, min(cfg.K, steps // cfg.meta_steps_min)) if cfg.meta_steps_min else cfg.K
+
+
 class Run:
     """Everything one (method, seed) training run owns; checkpointed every epoch."""
     STATE = ("model", "meta", "splitter", "opt", "sched", "opt_meta", "opt_split")
@@ -603,7 +632,7 @@ class Run:
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, sorted({round(f * cfg.epochs) for f in cfg.milestones}), cfg.gamma)
-        self.K = 1 if self.spec.every_step else cfg.K  # classifier steps per meta step
+        self.K = meta_every(cfg, self.spec, len(data.y) - split_size(method, data, cfg.delta))
         self.opt_meta = torch.optim.Adam(self.meta.parameters(), weight_decay=self.spec.meta_wd,
                                          lr=cfg.meta_lr * (self.K if cfg.meta_lr_per == "step" else 1))
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)

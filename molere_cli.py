@@ -40,7 +40,8 @@ class Runtime:
 # of a run's identity at that value (what a record without the key means), so earlier records and
 # checkpoints still match, even should a default change later.
 LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="",
-             image_size=224, meta_lr_per="meta-step", meta_init="uniform")
+             image_size=224, meta_lr_per="meta-step", meta_init="uniform",
+             meta_steps_min=0)
 
 
 def config_record(cfg):

@@ -77,6 +77,7 @@ def config_problem(cfg):
          f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {cfg.depth}"),
         *((getattr(cfg, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(cfg, k)}")
           for k in ("width", "epochs", "batch_size", "resplit_every", "hidden")),
+        (cfg.meta_steps_min >= 0, f"--meta-steps-min must be 0 (off) or more, got {cfg.meta_steps_min}"),
         *((0 < getattr(cfg, k) < math.inf, f"{flag(k)} must be a finite positive number, got {getattr(cfg, k)}")
           for k in ("lr", "meta_lr", "split_lr")),
         (0 <= cfg.momentum < 1 and 0 <= cfg.wd < math.inf and 0 < cfg.gamma <= 1,

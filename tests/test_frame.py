@@ -303,7 +303,7 @@ def test_fields_added_later_keep_earlier_configs_identity():
     """Records and checkpoints made before a field existed must still match while it has the value
     every earlier run had (a record without the key means that value, also after a default
     changed); any other value is part of the identity."""
-    cfg = molere.Config(dataset="synthetic", depth=10, width=1, meta_input="features")
+    cfg = molere.Config(**{**molere_cli.LATER, "dataset": "synthetic", "depth": 10, "width": 1})
     stored = molere_cli.config_record(cfg)
     assert not set(molere_cli.LATER) & set(stored)  # all at what earlier runs had: left out
     assert molere_cli.config_hash(molere.Config(**{**molere_cli.LATER, **stored})) == molere_cli.config_hash(cfg)
@@ -312,6 +312,7 @@ def test_fields_added_later_keep_earlier_configs_identity():
     assert molere_cli.config_hash(noisy) != molere_cli.config_hash(cfg)
     default = molere.Config(dataset="synthetic", depth=10, width=1)  # a default changed since: in the identity
     assert molere_cli.config_record(default)["meta_input"] == "features+loss"
+    assert molere_cli.config_record(default)["meta_steps_min"] == 270
     assert molere_cli.config_hash(default) != molere_cli.config_hash(cfg)
 
 
