@@ -15,6 +15,7 @@
 #                                  every step; MW-Net with unnormalised weights (two queues, resumable)
 #   bash reproduce.sh control      the known answer of RESULTS.md section 8: synthetic set, 40% label noise, a clean
 #                                  meta set; ERM, ERM-tr, MW-Net, L2RW, LRW-Random, MOLERE, 5 seeds (minutes a run)
+#   bash reproduce.sh control-clean the chosen defaults in the clean setting of section 1 (LRW-Random, 3 seeds)
 #   bash reproduce.sh control-pilots its pilots: the meta lr per step, K, g_phi's input, width and initialisation
 #   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
 #                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
@@ -158,6 +159,11 @@ case "$cmd" in
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${CONTROL[@]}" --seeds 100 101 102 103 104 \
       --method erm,erm-tr,mwn,l2rw,lrw-random,molere --out results/control "$@"
     "$PY" -m tools.analyze results/control/results.jsonl --figures results/control --into RESULTS.md ;;
+  control-clean)  # RESULTS.md section 8: the chosen defaults in the clean setting of section 1 (no harm?)
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" molere.py --data-root "$root" --dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 \
+      --epochs 20 --batch-size 64 --no-augment --warmup-epochs 5 --resplit-every 3 --eval-every 5 --seeds 0 1 2 \
+      --method lrw-random --threads 1 --out results/control-clean --resume "$@" ;;
   control-pilots)  # RESULTS.md section 8, pilots: which setting of our meta-network learns in the control
     out=results/control-pilots
     mkdir -p "$out"
@@ -201,6 +207,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-clean, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac
