@@ -535,17 +535,18 @@ def fast_path(losses, loss_jvp):
         v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
         loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
         `grads` = G at the current w~, which the classifier step has just computed for the same
-        batch (all zeros: theta' = theta, L2RW's w~ = 0). `model` is any module whose forward
+        batch (all zeros: theta' = theta, L2RW's w~ = 0), one entry per parameter of the model;
+        parameters with requires_grad False (a frozen backbone) are constants, their entry unread. `model` is any module whose forward
         returns logits or a tuple that starts with them. Then for any weighting w~(phi) that does
         not depend on theta in the graph: dL_val/dphi = autograd.grad(w~, phi, grad_outputs=g).
         Under torchrun each process holds its share of both batches: v and L_val are averaged
         over the processes and B is the whole batch (`world_mean`, `world`: the identity and 1 in
         one process; copy them along, or drop them for one process)."""
-        theta1 = {n: (p.detach() - alpha * g).requires_grad_()
-                  for (n, p), g in zip(model.named_parameters(), grads)}
+        theta1 = {n: (p.detach() - alpha * g).requires_grad_()  # frozen parameters stay as they are
+                  for (n, p), g in zip(model.named_parameters(), grads) if p.requires_grad}
         loss_val = losses(model, theta1, xv, yv).mean()
         v = [world_mean(t) for t in torch.autograd.grad(loss_val, list(theta1.values()))]  # torchrun: global
-        params = {n: p.detach() for n, p in model.named_parameters()}
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         with replay_rng(rng, x.device):
             _, a = loss_jvp(model, params, dict(zip(params, v)), x, y)
         return world_mean(loss_val.detach()), -alpha * a / (len(y) * world())
@@ -563,7 +564,7 @@ def weight_grad_reference(model, x, y, w, xv, yv, alpha, rng):
     functional_call + create_graph=True through theta' = theta - alpha * grad_theta mean_i w~_i l_i,
     then g = dL_val(theta') / dw~."""
     w = w.detach().requires_grad_()
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # frozen: constants
     with replay_rng(rng, x.device):
         losses = per_sample_losses(model, params, x, y)
     grads = torch.autograd.grad((w * losses).mean(), list(params.values()), create_graph=True)

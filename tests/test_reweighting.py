@@ -83,6 +83,41 @@ def test_weight_grad_fast_equals_reference_in_float64(arch, dropout):
     torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-13)
 
 
+def test_weight_grad_with_a_frozen_backbone():
+    """Parameters with requires_grad False (a frozen backbone) are constants of the look-ahead:
+    fast = reference, and both equal central differences of L_val(theta') computed the plain way
+    (a copy of the model, one SGD step of its trainable parameters, the validation loss)."""
+    fresh_seed()
+    model = SmoothNet().double()
+    model.conv.requires_grad_(False)
+    x, y, xv, yv = batches()
+    w = torch.rand(len(y), dtype=torch.float64) + 0.5
+    rng, alpha = molere.rng_state(torch.device("cpu")), 0.5
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with molere.replay_rng(rng, x.device):
+        losses = F.cross_entropy(model(x)[0], y, reduction="none")
+    step = iter(torch.autograd.grad((w * losses).mean(), trainable))
+    grads = [next(step) if p.requires_grad else None for p in model.parameters()]  # as p.grad leaves them
+    _, fast = molere.weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng)
+    _, ref = molere.weight_grad_reference(model, x, y, w, xv, yv, alpha, rng)
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-13)
+
+    def loss_val(w):
+        copy_ = copy.deepcopy(model)
+        mine = [p for p in copy_.parameters() if p.requires_grad]
+        G = torch.autograd.grad((w * F.cross_entropy(copy_(x)[0], y, reduction="none")).mean(), mine)
+        with torch.no_grad():
+            for p, d in zip(mine, G):
+                p -= alpha * d
+        return F.cross_entropy(copy_(xv)[0], yv).item()
+
+    direction = torch.randn_like(w)
+    analytic, eps = float(fast @ direction), 1e-6
+    assert abs(analytic) > 1e-6
+    numeric = (loss_val(w + eps * direction) - loss_val(w - eps * direction)) / (2 * eps)
+    assert math.isclose(analytic, numeric, rel_tol=1e-6, abs_tol=1e-10), (analytic, numeric)
+
+
 def test_meta_gradient_is_the_chain_rule_through_g():
     """SPEC section 7's recipe, autograd.grad(w_tilde, phi, g), for a weighting that is neither
     ours nor MW-Net's (an affine map of the loss, batch-normalised), equals create_graph through phi."""
