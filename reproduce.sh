@@ -159,6 +159,9 @@ case "$cmd" in
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${CONTROL[@]}" --seeds 100 101 102 103 104 \
       --method erm,erm-tr,mwn,l2rw,lrw-random,molere --out results/control "$@"
     "$PY" -m tools.analyze results/control/results.jsonl --figures results/control --into RESULTS.md ;;
+  control-round3)  # RESULTS.md section 8, round 3's confirmation: 540 meta steps, loss-first, on seeds 200-204
+    "$PY" -m tools.schedule --workers "${WORKERS:-1}" -- "${CONTROL[@]}" --seeds 200 201 202 203 204 \
+      --method erm,lrw-random --meta-steps-min 540 --meta-init loss-first --out results/control-round3 "$@" ;;
   control-clean)  # RESULTS.md section 8: the chosen defaults in the clean setting of section 1 (no harm?)
     root=${DATA_ROOT:-../shared/data}
     "$PY" molere.py --data-root "$root" --dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 \
@@ -207,6 +210,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-clean, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round3, control-clean, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac
