@@ -631,8 +631,8 @@ class Run:
         self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(
-            self.opt, sorted({round(f * cfg.epochs) for f in cfg.milestones}), cfg.gamma)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(  # never at epoch 0; two that round alike decay twice
+            self.opt, sorted(max(1, round(f * cfg.epochs)) for f in cfg.milestones), cfg.gamma)
         self.K = meta_every(cfg, self.spec, len(data.y) - split_size(method, data, cfg.delta))
         self.opt_meta = torch.optim.Adam(self.meta.parameters(), weight_decay=self.spec.meta_wd,
                                          lr=cfg.meta_lr * (self.K if cfg.meta_lr_per == "step" else 1))

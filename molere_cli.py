@@ -365,6 +365,8 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                 run, result = fit(cfg, rt, method, seed, data, val_mask, budget)
                 if rank() == 0:
                     append_result(results_path, result)
+                    with contextlib.suppress(FileNotFoundError):  # the record is written: the spare goes
+                        os.remove(path + ".prev")
             if method == "erm":
                 erm_model = run.model
             done.add((method, seed))

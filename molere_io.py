@@ -337,10 +337,23 @@ def read_results(path, cfg_hash=None):
     return [r for r in rows if cfg_hash is None or r.get("config_hash") == cfg_hash]
 
 
+def finite_or_null(value):
+    """`value` with every NaN or infinity replaced by None, so that json.dumps writes strict JSON
+    (null) rather than the NaN that strict parsers reject."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def append_result(path, result):
-    """Append one record under an exclusive lock, fsynced: two processes sharing --out never
-    interleave, and a crash leaves at most a torn last line, which the next append closes."""
-    line = (json.dumps(result) + "\n").encode()
+    """Append one record, strict JSON (NaN and infinities as null), under an exclusive lock,
+    fsynced: two processes sharing --out never interleave, and a crash leaves at most a torn last
+    line, which the next append closes."""
+    line = (json.dumps(finite_or_null(result), allow_nan=False) + "\n").encode()
     with open(path, "ab+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         if f.seek(0, os.SEEK_END):

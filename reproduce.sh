@@ -30,7 +30,7 @@ VENV=${VENV:-.venv}
 PY=${PY:-$VENV/bin/python}
 
 # PY=python3 (a GPU machine's own Python, say) is used as it is; the default is the project's .venv.
-if [ "$PY" = "$VENV/bin/python" ] && ! "$PY" -c "import torch, torchvision, triton, numpy, pytest" 2>/dev/null; then
+if [ "$PY" = "$VENV/bin/python" ] && ! "$PY" -c "import torch, torchvision, triton, numpy, pytest, matplotlib" 2>/dev/null; then
   echo "setting up $VENV (first use; torch is large, this takes a few minutes) ..."
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -r requirements.txt

@@ -60,6 +60,7 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
     run_main(common + ["--out", str(tmp_path / "a")], capsys)
     run_main(common + ["--out", str(tmp_path / "b"), "--stop-after", "2"], capsys)
     assert not os.path.exists(tmp_path / "b" / "results.jsonl")  # really interrupted
+    assert os.path.exists(tmp_path / "b" / "synthetic-molere-seed3.pt.prev")  # the spare, while it runs
     text = run_main(common + ["--out", str(tmp_path / "b"), "--resume"], capsys).out
     assert "resumed" in text
     a, b = (json.loads(open(tmp_path / d / "results.jsonl").read()) for d in "ab")
@@ -68,6 +69,8 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
     assert torch.equal(ca["val_mask"], cb["val_mask"])
+    for d in "ab":  # once the record is written, the previous epoch's spare checkpoint is removed
+        assert not os.path.exists(tmp_path / d / "synthetic-molere-seed3.pt.prev")
 
 
 BAD = [
@@ -364,3 +367,23 @@ def test_pretrained_torchvision_weights_from_a_local_file(tmp_path, capsys):
         molere_cli.main(argv + ["--weights", str(bad), "--out", str(tmp_path / "out2")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "does not fit tv:resnet18" in err, err
+
+
+def test_records_are_strict_json_with_nan_as_null(tmp_path):
+    """A NaN or infinity in a record (corr(w, l) of constant weights) is written as null: every
+    line parses with a strict JSON parser, and the tables still read it."""
+    import tools.analyze as analyze
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    path = str(tmp_path / "results.jsonl")
+    log = [dict(epoch=1, w_spread=0.1, w_loss_corr=float("nan"), val_loss=2.0),
+           dict(epoch=2, w_spread=0.2, w_loss_corr=-0.5, val_loss=float("inf"))]
+    for seed in (0, 1):
+        molere_io.append_result(path, dict(method="lrw-random", seed=seed, train_acc=90.0, log=log, extra=[1.5, -math.inf]))
+    rows = [json.loads(line, parse_constant=refuse) for line in open(path)]
+    assert rows[0]["log"][0]["w_loss_corr"] is None and rows[0]["log"][1]["val_loss"] is None
+    assert rows[1]["extra"] == [1.5, None] and rows[1]["log"][1]["w_loss_corr"] == -0.5
+    table = analyze.regime_table(rows)
+    assert "| lrw-random | 90.00, 90.00 | 0.100 → 0.200 | — | — |" in table, table

@@ -1,8 +1,9 @@
 """Faults that once passed the whole suite (a mutation run of one-line faults, 2026-11-29), each
 with a test that fails on it: the AUC's direction, instance noise's per-image flip rate, L2RW's
-all-zero batch, the run lock's key, and the meta-network's input columns."""
+all-zero batch, the run lock's key, the meta-network's input columns, and the lr milestones."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -110,3 +111,19 @@ def test_meta_network_columns_are_features_extra_then_label():
     inp = molere.meta_input(run, hh, logits, yy)
     torch.testing.assert_close(inp[:, :-1], hh)
     torch.testing.assert_close(inp[:, -1], F.cross_entropy(logits, yy, reduction="none"))
+
+
+def test_lr_milestones_never_at_epoch_0_and_each_decays():
+    """The lr of each epoch is --lr x gamma^(milestones passed), each milestone at round(f x epochs)
+    but never before epoch 1 (--epochs 1 trains at --lr), and milestones that round to one epoch
+    each apply their decay there."""
+    for epochs, milestones, want in ((1, (0.3, 0.6, 0.8), [0.1]),
+                                     (4, (0.3, 0.6, 0.8), [0.1, 0.02, 0.004, 0.0008]),
+                                     (2, (0.3, 0.6, 0.8), [0.1, 0.02 * 0.2])):
+        cfg, data, run = small_run("erm", 0, epochs=epochs, milestones=milestones, lr=0.1, gamma=0.2)
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(run.opt.param_groups[0]["lr"])
+            run.opt.step()
+            run.sched.step()
+        assert lrs == [pytest.approx(v, rel=1e-12) for v in want], (epochs, lrs)

@@ -13,7 +13,8 @@ Reads the newest config in the file and prints markdown, in this order (SPEC sec
 (e) wall time per run, from the records.
 With --figures, also writes gain_over_erm.png, margin_gain.png, weight_vs_margin.png,
 weights_noisy_clean.png, meta_level.png (under --noise: weights' AUC, saturation and flipped
-labels fitted, by epoch) and learning_curves.png (figures need matplotlib, an optional extra).
+labels fitted, by epoch) and learning_curves.png (figures need matplotlib, which requirements.txt installs; without it the
+tables are still printed).
 With --into RESULTS.md, the markdown replaces the block between the lines
 `<!-- analyze RESULTS_PATH -->` and `<!-- /analyze -->` of that file, so the tables there are
 generated, never typed. Records from before
@@ -119,12 +120,10 @@ def regime_table(rows):
             continue
         cells = [report.method_label(m), ", ".join(f"{r['train_acc']:.2f}" for r in rs)]
         for key in ("w_spread", "w_loss_corr", "val_loss"):
-            if key in rs[0]["log"][0]:
-                first = statistics.mean(r["log"][0][key] for r in rs)
-                last = statistics.mean(r["log"][-1][key] for r in rs)
-                cells.append(f"{first:.3f} → {last:.3f}")
-            else:
-                cells.append("—")
+            # null (NaN when written, e.g. the correlation of constant weights): left out of the mean
+            firsts = [r["log"][0][key] for r in rs if r["log"][0].get(key) is not None]
+            lasts = [r["log"][-1][key] for r in rs if r["log"][-1].get(key) is not None]
+            cells.append(f"{statistics.mean(firsts):.3f} → {statistics.mean(lasts):.3f}" if firsts and lasts else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
