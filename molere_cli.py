@@ -23,7 +23,8 @@ from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_spli
                     margins, meta_input, per_class_topk, predict, rank, rng_state, train, world)
 from molere_data import load_data
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
-                       make_writable_folder, read_checkpoint, read_results, run_lock, write_checkpoint)
+                       make_writable_folder, read_checkpoint, read_results, run_lock, source_version,
+                       write_checkpoint)
 from report import auc, report_table
 
 
@@ -72,7 +73,8 @@ def save_checkpoint(run, path, cfg):
     torch.load(weights_only=True)), written crash-safe (molere_io.write_checkpoint)."""
     ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
     ckpt.update(config=config_record(cfg), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
-                elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)))
+                elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)),
+                code=source_version())
     write_checkpoint(path, ckpt)
 
 
@@ -200,7 +202,7 @@ def result_record(run, data, cfg, rt, test_logits):
         train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
         noisy=(data.y != data.y_true).nonzero().squeeze(1).tolist(),
         val_size=int(run.val_mask.sum()), **fits, log=run.log, wall_time_s=round(run.elapsed, 1),
-        device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"), code=source_version())
 
 
 def progress_line(tag, e, run, epochs):

@@ -11,11 +11,13 @@ and the errors the CLI turns into one line.
 """
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
 import pickle
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -378,6 +380,20 @@ def make_writable_folder(folder, flag):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"{flag} {folder} cannot be created or written ({e.strerror or e})")
+
+
+@functools.lru_cache(maxsize=None)
+def source_version():
+    """The code a run ran: {"commit": HEAD of the repository holding this file, "dirty": whether
+    tracked files differed from it}, or None outside a git checkout (an installed copy)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=30, check=True)
+        commit = git("rev-parse", "HEAD").stdout.strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return dict(commit=commit, dirty=dirty)
 
 
 def device_name(device):

@@ -65,10 +65,13 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
     assert "resumed" in text
     a, b = (json.loads(open(tmp_path / d / "results.jsonl").read()) for d in "ab")
     assert a["test_acc"] == b["test_acc"] and a["test_margins"] == b["test_margins"]
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert a["code"]["commit"] == head and isinstance(a["code"]["dirty"], bool)  # the code each record ran
     ca, cb = (torch.load(tmp_path / d / "synthetic-molere-seed3.pt", weights_only=False) for d in "ab")
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
     assert torch.equal(ca["val_mask"], cb["val_mask"])
+    assert ca["code"] == a["code"]
     for d in "ab":  # once the record is written, the previous epoch's spare checkpoint is removed
         assert not os.path.exists(tmp_path / d / "synthetic-molere-seed3.pt.prev")
 
