@@ -2,7 +2,7 @@
 MOLERE: learned reweighting with a hard validation set, one readable file.
 
 Reference reproduction of Jain, Suggala, Shenoy, "Improving Generalization via
-Meta-Learning on Hard Samples" (CVPR 2024). Three levels (shared/SPEC.md):
+Meta-Learning on Hard Samples" (CVPR 2024). Three levels (METHOD.md):
   inner   classifier f_theta, trained on S_tr with per-sample weights w_i = g_phi(x_i, y_i)
   middle  meta-network g_phi, trained so that the loss on S_val after a look-ahead falls
   outer   splitter P_Theta(val | x, y), which makes S_val the hardest delta-fraction of S
@@ -14,7 +14,7 @@ Train-twice variants (LRW-Easy/Random/Hard) fix S_val from an ERM model's margin
 
 The file is the method and only the method, in the order a run executes: what each method
 is (METHODS), config, batches, networks, weight nets and splitter, the look-ahead
-meta-gradient (SPEC section 7's weight_grad_fast / weight_grad_reference), the steps of one
+meta-gradient (METHOD.md §7's weight_grad_fast / weight_grad_reference), the steps of one
 training step, the splits, the MOLERE loop (`train`). Beside it: the pool S and the test split
 (subset, class skew, label noise, clean meta set) in molere_data.py; the command line, the plan,
 checkpoints and result records in molere_cli.py; files and config checks in molere_io.py; the
@@ -44,7 +44,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # n
 
 @dataclass(frozen=True)
 class Method:
-    """What a method is, in one row (SPEC sections 1-4 and 8):
+    """What a method is, in one row (METHOD.md §§1-4 and 8):
     split       where S_val comes from: none (S_tr = S) | random (a seeded delta-split) | low-margin /
                 high-margin (the delta-fraction of lowest / highest margin under a finished ERM model
                 of the same seed) | splitter (random for the warm-up, then the splitter's hard split);
@@ -96,7 +96,7 @@ class Config:
     image_size: int = knob(224, "--dataset folder:PATH: the side of the images the network sees (ImageNet's "
                                 "transforms: random resized crop and flip; resize and centre crop to test)")
     train_subset: int = knob(0, "train on a fixed class-balanced subset of this many images (0: all of S)")
-    # classifier: Wide-ResNet and the standard CIFAR recipe (SPEC section 6)
+    # classifier: Wide-ResNet and the standard CIFAR recipe (METHOD.md §6)
     depth: int = knob(28, "Wide-ResNet depth, 6n+4")
     width: int = knob(10, "Wide-ResNet widening factor k")
     dropout: float = knob(0.3, "dropout between the two convs of a block")
@@ -110,24 +110,24 @@ class Config:
     # LRW and MOLERE
     delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
     K: int = knob(5, "meta-network and splitter update every K classifier steps (see --meta-steps-min)")
-    meta_steps_min: int = knob(270, "a run makes at least this many meta steps: K is lowered (to 1 at the least) "
-                                  "where --epochs x steps an epoch / K would be fewer; 0: K as given")
+    meta_steps_min: int = knob(270, "a run makes at least this many meta steps: K is lowered (to 1 at the "
+                                    "least) where --epochs x steps an epoch / K is fewer; 0: K as given")
     meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
     weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's "
                                      "class-imbalance code) | none (the paper's literal sum; MW-Net's "
                                      "noisy-label script)")
     meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi (see --meta-lr-per)")
     meta_lr_per: str = knob("step", "what --meta-lr is per: meta-step (Adam's lr is --meta-lr) | step (per "
-                                         "classifier step: Adam's lr is --meta-lr x the classifier steps between "
-                                         "two meta steps, K, so phi may move as far per epoch at any K)")
+                                    "classifier step: Adam's lr is --meta-lr x the classifier steps between "
+                                    "two meta steps, K, so phi may move as far per epoch at any K)")
     split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
     hidden: int = knob(100, "hidden units of the meta-network and the splitter")
     meta_input: str = knob("features+loss", "what our meta-network g_phi sees: features+loss ([h(x), "
                                             "onehot(y)] and the sample's detached loss) | features ([h(x), "
                                             "onehot(y)] only: before 2026-11-29; RESULTS section 7)")
-    meta_init: str = knob("uniform", "how g_phi's first layer starts: uniform (torch's default for every input) | "
-                                     "loss-first (with --meta-input features+loss: the weights on h and y start "
-                                     "at 0, so g_phi starts as a function of the loss alone and grows into (x, y))")
+    meta_init: str = knob("uniform", "how g_phi's first layer starts: uniform (torch's default for every "
+                                     "input) | loss-first (with --meta-input features+loss: the weights on h "
+                                     "and y start at 0, so g_phi starts as a function of the loss alone)")
     warmup_epochs: int = knob(25, "MOLERE: epochs on a random split before the splitter's")
     resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
     lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
@@ -352,7 +352,7 @@ def accuracy(logits, y):
 
 
 def margins(logits, y):
-    """Probabilistic margin PM(x, y) = p_y(x) - max_{k != y} p_k(x), in [-1, 1] (SPEC section 3)."""
+    """Probabilistic margin PM(x, y) = p_y(x) - max_{k != y} p_k(x), in [-1, 1] (METHOD.md §3)."""
     p = logits.float().softmax(1)
     p_y = p.gather(1, y[:, None]).squeeze(1)
     return p_y - p.scatter(1, y[:, None], -1.0).max(1).values
@@ -445,7 +445,7 @@ def splitter_regularizers(logit, y, delta, classes):
 
 
 def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda_bal):
-    """SPEC section 2, all four terms on one batch:
+    """METHOD.md §2, all four terms on one batch:
        fit - l_val + lambda_size * R_size + lambda_bal * R_bal   (see the two functions above)"""
     fit, l_val = splitter_game_terms(logit, correct, losses)
     r_size, r_bal = splitter_regularizers(logit, y, delta, classes)
@@ -473,7 +473,7 @@ def per_class_topk(scores, labels, delta, classes):
     rank[order] = torch.arange(len(labels), device=labels.device) - start[labels[order]]
     return rank < k[labels]
 
-# ---------------------------------------------------------- the look-ahead meta-gradient (SPEC sections 1, 7)
+# ---------------------------------------------------------- the look-ahead meta-gradient (METHOD.md §§1, 7)
 
 
 def cloned_buffers(model):
@@ -513,7 +513,7 @@ def loss_jvp(model, params, tangents, x, y):
 
 def instance_weights(meta, h, y, weight_norm="batch"):
     """w~ of a batch: w_i = g_phi(x_i, y_i) = sigmoid(logit) in (0, 1); with weight_norm "batch"
-    (SPEC section 1) w~_i = w_i / mean_j w_j, differentiable in phi through the batch mean, so
+    (METHOD.md §1) w~_i = w_i / mean_j w_j, differentiable in phi through the batch mean, so
     the classifier step and the look-ahead use the same w~ and the meta-gradient stays exact;
     "none": w~ = w, the raw weights."""
     return normalised(torch.sigmoid(meta(h, y)), weight_norm)
@@ -524,21 +524,22 @@ def normalised(w, weight_norm):
 
 
 def fast_path(losses, loss_jvp):
-    """SPEC section 7's fast path over the two calls it spends its time in, the per-sample
+    """METHOD.md §7's fast path over the two calls it spends its time in, the per-sample
     losses and their JVP: eager (`weight_grad_fast`) or through torch.compile
     (`weight_grad_compiled`, --compile; see molere_io.Compiled)."""
 
     def weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng):
-        """The core of every look-ahead reweighting method (SPEC section 7), fast path: returns
+        """The core of every look-ahead reweighting method (METHOD.md §7), fast path: returns
         (L_val(theta'), g) with theta' = theta - alpha * G, G = grad_theta mean_j w~_j l_j(theta), and
              g_i = dL_val(theta') / dw~_i = -(alpha / B) a_i,   a_i = <grad_theta l_i(theta), v>,
         v = grad L_val(theta'). All B values a_i come from ONE forward-mode JVP of the per-sample
         loss vector l(theta) along v, replayed with the classifier step's dropout masks (`rng`).
         `grads` = G at the current w~, which the classifier step has just computed for the same
         batch (all zeros: theta' = theta, L2RW's w~ = 0), one entry per parameter of the model;
-        parameters with requires_grad False (a frozen backbone) are constants, their entry unread. `model` is any module whose forward
-        returns logits or a tuple that starts with them. Then for any weighting w~(phi) that does
-        not depend on theta in the graph: dL_val/dphi = autograd.grad(w~, phi, grad_outputs=g).
+        parameters with requires_grad False (a frozen backbone) are constants, their entry unread.
+        `model` is any module whose forward returns logits or a tuple that starts with them. Then
+        for any weighting w~(phi) that does not depend on theta in the graph:
+        dL_val/dphi = autograd.grad(w~, phi, grad_outputs=g).
         Under torchrun each process holds its share of both batches: v and L_val are averaged
         over the processes and B is the whole batch (`world_mean`, `world`: the identity and 1 in
         one process; copy them along, or drop them for one process)."""
@@ -574,7 +575,7 @@ def weight_grad_reference(model, x, y, w, xv, yv, alpha, rng):
 
 
 def l2rw_weights(model, x, y, xv, yv, alpha, rng, weight_grad=weight_grad_fast):
-    """Learning to Reweight (Ren et al. 2018; SPEC section 8): with g from `weight_grad_fast` at
+    """Learning to Reweight (Ren et al. 2018; METHOD.md §8): with g from `weight_grad_fast` at
     w~ = 0 (so theta' = theta, G = 0), w_i = max(-g_i, 0) / sum_j max(-g_j, 0): the training
     points whose gradient agrees with the validation gradient, in proportion to the agreement.
     Returns (L_val, w), w summing to 1, or all zeros where no point agrees (that batch makes no
@@ -631,7 +632,8 @@ class Run:
         self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(  # never at epoch 0; two that round alike decay twice
+        # milestones never at epoch 0; two that round to one epoch both decay there
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, sorted(max(1, round(f * cfg.epochs)) for f in cfg.milestones), cfg.gamma)
         self.K = meta_every(cfg, self.spec, len(data.y) - split_size(method, data, cfg.delta))
         self.opt_meta = torch.optim.Adam(self.meta.parameters(), weight_decay=self.spec.meta_wd,
@@ -669,7 +671,7 @@ def weighted_backward(run, logits, y, w_tilde, w, stats):
 
 
 def classifier_step(run, data, cfg, idx, stats, meta_next=False):
-    """SPEC section 1, inner level: G = grad_theta mean_i w~_i l_i on the batch S_tr[idx], with
+    """METHOD.md §1, inner level: G = grad_theta mean_i w~_i l_i on the batch S_tr[idx], with
     w~_i from g_phi(x_i, y_i) detached (ERM: w~_i = 1). With `meta_next` the meta step's JVP can
     replay this forward's dropout masks. Returns the batch as the meta step needs it (x, y, what
     g_phi sees, the RNG state), and for the epoch's diagnostics the raw weights w and which labels
@@ -704,9 +706,9 @@ def validation_batch(run, data, cfg, val_idx):
 
 
 def meta_step(run, data, cfg, batch, val_idx, stats):
-    """SPEC section 1, middle level: phi <- phi - beta2 grad_phi L_val(theta'(phi)), with the
+    """METHOD.md §1, middle level: phi <- phi - beta2 grad_phi L_val(theta'(phi)), with the
     look-ahead theta' at this training batch and L_val on a batch drawn from S_val:
-        dL_val/dphi = sum_i g_i dw~_i/dphi,    g = dL_val(theta')/dw~ (SPEC section 7),
+        dL_val/dphi = sum_i g_i dw~_i/dphi,    g = dL_val(theta')/dw~ (METHOD.md §7),
     exact because w~ = g_phi(h.detach(), y) does not depend on theta in the graph. g by one JVP
     (`weight_grad_fast`, at G as the classifier step left it in p.grad) or by create_graph
     (--meta-grad reference). The classifier update of this step still uses phi from before
@@ -730,7 +732,7 @@ def meta_step(run, data, cfg, batch, val_idx, stats):
 
 
 def l2rw_step(run, data, cfg, idx, val_idx, stats):
-    """SPEC section 8, L2RW: this batch's weights from a validation batch (`l2rw_weights`, the
+    """METHOD.md §8, L2RW: this batch's weights from a validation batch (`l2rw_weights`, the
     JVP replaying this forward's dropout masks), then G = grad_theta sum_i w_i l_i left in p.grad.
     Returns whether the batch has any weight (an all-zero batch makes no update), w~ = B w and
     which labels the batch fits."""
@@ -746,7 +748,7 @@ def l2rw_step(run, data, cfg, idx, val_idx, stats):
 
 
 def splitter_step(run, data, cfg, stats, val_idx):
-    """SPEC section 2: one update of Theta from ONE eval-mode forward of B images, scored like the
+    """METHOD.md §2: one update of Theta from ONE eval-mode forward of B images, scored like the
     split itself (no augmentation, so 'correct' and l_i are the classifier's clean verdicts):
       CE(P_Theta(train), 1[y_hat = y]) - l_val    on B/2 images of the current S_val (the paper's
                                                   update; --splitter-data all: on B images of S)
@@ -787,7 +789,7 @@ def epoch_batches(run, cfg):
 def train_steps(run, data, cfg, batches):
     """One classifier step per batch; every K-th step of LRW and MOLERE (every step of MW-Net and
     L2RW) also updates phi, and for MOLERE Theta. Returns the per-step statistics averaged, by
-    name, and what the batches saw, for the frame's meta-level diagnostics (SPEC section 8):
+    name, and what the batches saw, for the frame's meta-level diagnostics (METHOD.md §8):
     each image's raw weight w and whether its label was fitted (train mode, before its step;
     each S_tr image once an epoch), and phi at the start."""
     val_idx = run.val_mask.nonzero().squeeze(1)
@@ -830,12 +832,12 @@ def random_split(data, delta, seed):
 
 
 def initial_split(method, data, delta, seed, erm_model=None):
-    """Every choice of the S_val a run starts with, and its seed (SPEC sections 2-4 and 8), by the
+    """Every choice of the S_val a run starts with, and its seed (METHOD.md §§2-4 and 8), by the
     method's `split`: none -> S_tr = S; splitter -> a random delta-split of its own seed for
     MOLERE's warm-up; under --meta-set clean:N -> the clean set; random -> LRW-Random's seeded
     split (also the S_tr of the erm-tr control, and MW-Net's and L2RW's S_val); low-margin /
     high-margin -> train-twice LRW-Hard / LRW-Easy: per class the delta-fraction of lowest /
-    highest margin under `erm_model`, the finished ERM model of the same seed (SPEC section 3)."""
+    highest margin under `erm_model`, the finished ERM model of the same seed (METHOD.md §3)."""
     split = METHODS[method].split
     if split == "none":
         return torch.zeros(len(data.y), dtype=torch.bool, device=data.y.device)
@@ -850,7 +852,7 @@ def initial_split(method, data, delta, seed, erm_model=None):
 
 
 def molere_split(run, data, cfg):
-    """SPEC section 2, the hard split: per class, the delta-fraction of S with the highest
+    """METHOD.md §2, the hard split: per class, the delta-fraction of S with the highest
     P_Theta(val | x, y). Returns the new mask and what the log says about it."""
     logits, h = predict(run.fwd, data, data.x)
     with torch.no_grad():
@@ -865,7 +867,7 @@ def molere_split(run, data, cfg):
 
 
 def train(run, data, cfg, on_epoch=None):
-    """The algorithm (SPEC sections 1 and 2), from wherever `run` stands, fresh or restored:
+    """The algorithm (METHOD.md §§1 and 2), from wherever `run` stands, fresh or restored:
       every epoch     one classifier step per batch of S_tr; every K-th step (every step for
                       MW-Net and L2RW) also a meta step on phi, and for MOLERE a splitter step
                       on Theta (`train_steps`); then the lr schedule steps

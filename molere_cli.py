@@ -156,7 +156,7 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
 
 
 def epoch_diagnostics(run, data, seen):
-    """SPEC section 8: does the meta level learn? Over the epoch's training images (each seen
+    """METHOD.md §8: does the meta level learn? Over the epoch's training images (each seen
     once, its weight as its batch gave it, the label fit in train mode before the step):
     w_sat  share of raw sigmoid weights below 0.05 or above 0.95 (saturation)
     w_zero share of weights exactly 0 (L2RW)

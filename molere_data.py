@@ -1,6 +1,6 @@
 """
 The pool S and the untouched test split that a run trains and is tested on, each choice fixed
-for every seed and method (SPEC sections 5, 6 and 8): the source (a synthetic demo set made in
+for every seed and method (METHOD.md §§5, 6 and 8): the source (a synthetic demo set made in
 memory, CIFAR-10/100, the packed CIFAR-10 subset, or any image folder), a class-balanced subset,
 class skew (the paper's Table 2), label noise (Table 3 and the noisy-label anchor) and a meta set
 (clean images of S, or an image folder of the user's: Table 4's natural hard examples). What

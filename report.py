@@ -1,14 +1,14 @@
-"""The results table and what it compares against (SPEC sections 5 and 6): accuracy by seed,
+"""The results table and what it compares against (METHOD.md §§5 and 6): accuracy by seed,
 paired gains over ERM, method labels, and the paper's figures beside ours, labelled as the
 paper's. molere.py prints it at the end of a plan; tools/ build their tables on it."""
 import torch
 
 from molere import METHODS, ROLE
 
-# The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (SPEC section 6).
+# The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (METHOD.md §6).
 # Printed beside our numbers, labelled as the paper's; never used as a result.
 PAPER_GAIN_CIFAR100 = {"lrw-easy": -0.31, "lrw-random": 0.57, "lrw-hard": 1.72, "molere": 1.96}
-# The paper's Table 2: CIFAR-100 test accuracy (%) under class skew rho = 200/50/10/1 (SPEC section 6).
+# The paper's Table 2: CIFAR-100 test accuracy (%) under class skew rho = 200/50/10/1 (METHOD.md §6).
 PAPER_TABLE2 = {"molere": {200: 42.33, 50: 50.77, 10: 63.28, 1: 75.12},
                 "mwn": {200: 40.11, 50: 48.67, 10: 61.32, 1: 74.23}}
 

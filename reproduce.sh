@@ -77,7 +77,7 @@ CIFAR10_NOISE=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 
                --resplit-every 3 --eval-every 5 --seeds 0 1 2 --method erm,lrw-random,mwn,molere
                --out results/cifar10-noise --resume)
 
-# The outside anchor of RESULTS.md section 7 (SPEC section 8), in the regime where plain training
+# The outside anchor of RESULTS.md section 7 (METHOD.md §8), in the regime where plain training
 # memorises the noise: 2,000 images, 40% uniform label noise, 100 clean class-balanced images as
 # the meta set, no augmentation, 40 epochs; ERM, LRW-Random (its S_val the clean set), MOLERE
 # (which splits the noisy pool itself), Meta-Weight-Net and L2RW. Two workers, one thread each.
@@ -86,7 +86,7 @@ CIFAR10_ANCHOR=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0
                 --resplit-every 5 --eval-every 20 --seeds 0 1 2 --method erm,lrw-random,molere,mwn,l2rw
                 --out results/cifar10-anchor --resume)
 
-# The known answer of RESULTS.md section 8 (SPEC section 9): the built-in synthetic set, 1,000
+# The known answer of RESULTS.md section 8 (METHOD.md §9): the built-in synthetic set, 1,000
 # images, 40% uniform label noise, 100 clean class-balanced images as the meta set, no augmentation,
 # 30 epochs of WRN-10-1, where plain training fits nearly every flipped label. Minutes a run.
 CONTROL=(--dataset synthetic --train-subset 1000 --depth 10 --width 1 --dropout 0 --epochs 30 --batch-size 50

@@ -1,5 +1,5 @@
 """What the test files share: seeded random inputs, tiny models and batches, the meta-gradient
-written out two ways (the chain rule through SPEC section 7's g, as `molere.meta_step` applies
+written out two ways (the chain rule through METHOD.md §7's g, as `molere.meta_step` applies
 it, and an independent create_graph path all the way to phi), CIFAR files in the real pickle
 layout, and small runs."""
 import os

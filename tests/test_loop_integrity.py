@@ -52,7 +52,7 @@ def test_meta_step_moves_phi_down_the_reference_meta_gradient_at_the_scheduled_l
 
 
 def test_splitter_step_descends_specs_loss_on_the_right_images():
-    """SPEC section 2 written out in float64: CE(P(train), 1[y_hat = y]) - l_val on the S_val half
+    """METHOD.md §2 written out in float64: CE(P(train), 1[y_hat = y]) - l_val on the S_val half
     of the batch, lambda_size R_size + lambda_bal R_bal on the half drawn from all of S (distinct
     lambdas); a plain SGD splitter optimiser must move Theta by -eta x its gradient."""
     seed = fresh_seed()
@@ -187,7 +187,7 @@ def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("splitter_data", ["val", "all"])
 def test_splitter_game_terms_see_only_validation_images(monkeypatch, splitter_data):
-    """SPEC section 2: CE and -l_val on images of the current S_val, the regularisers on images
+    """METHOD.md §2: CE and -l_val on images of the current S_val, the regularisers on images
     drawn from S, in one forward of one batch (--splitter-data val); the old reading puts all
     four terms on one batch of S."""
     seed = fresh_seed()

@@ -138,7 +138,7 @@ def test_meta_steps_leave_batchnorm_buffers_untouched():
 
 
 def test_meta_grad_on_a_torchvision_resnet18():
-    """The portable pieces (SPEC section 7) on a classifier that is not ours: a torchvision
+    """The portable pieces (METHOD.md §7) on a classifier that is not ours: a torchvision
     ResNet-18 with its fc replaced, returning plain logits, features from its own avgpool."""
     import torchvision
     fresh_seed()
@@ -359,7 +359,7 @@ def test_instance_noise_depends_on_the_image():
 @pytest.mark.parametrize("name", ["resnet18", "vit"])
 def test_torchvision_backbones_keep_the_meta_gradient_exact(name):
     """--arch tv:NAME: a torchvision ResNet-18 and a (tiny) torchvision ViT behind molere.Torchvision
-    return (logits for our classes, penultimate h), and SPEC section 7's g is the same by the fast
+    return (logits for our classes, penultimate h), and METHOD.md §7's g is the same by the fast
     path (one JVP; attention through its math kernel) as by create_graph, in float64."""
     import torchvision
     fresh_seed()

@@ -1,4 +1,4 @@
-"""SPEC sections 7 and 8: the per-sample meta-gradient g (the core every look-ahead reweighting
+"""METHOD.md §§7 and 8: the per-sample meta-gradient g (the core every look-ahead reweighting
 method is built on), L2RW's weights, Meta-Weight-Net's optimizer and the meta-level diagnostics,
 each against an independent reference (finite differences, create_graph, pairwise counts)."""
 import contextlib
@@ -119,7 +119,7 @@ def test_weight_grad_with_a_frozen_backbone():
 
 
 def test_meta_gradient_is_the_chain_rule_through_g():
-    """SPEC section 7's recipe, autograd.grad(w_tilde, phi, g), for a weighting that is neither
+    """METHOD.md §7's recipe, autograd.grad(w_tilde, phi, g), for a weighting that is neither
     ours nor MW-Net's (an affine map of the loss, batch-normalised), equals create_graph through phi."""
     fresh_seed()
     model = SmoothNet().double()

@@ -2,7 +2,7 @@
 
     python -m tools.analyze results/cifar10-cpu-2/results.jsonl --figures results/cifar10-cpu-2
 
-Reads the newest config in the file and prints markdown, in this order (SPEC section 5):
+Reads the newest config in the file and prints markdown, in this order (METHOD.md §5):
 (a) accuracy, gain over ERM, per-seed paired gains with their sign count and a paired t-test
     p-value, the paper's CIFAR-100 gain beside ours (labelled); controls labelled as such;
 (b) the paired comparisons that isolate one cause each: LRW-Random - ERM-tr (the learned
@@ -147,7 +147,7 @@ def label_fits(r):
 
 
 def meta_level_table(rows):
-    """SPEC section 8, per method and seed (under --noise): the gain over ERM, the share of
+    """METHOD.md §8, per method and seed (under --noise): the gain over ERM, the share of
     flipped and clean labels the final model fits, the share of flipped labels in its final
     S_val, the test accuracy at the evaluations before the last (never used as a result), and
     by epoch the weights' AUC (clean above flipped) and their saturation (sigmoid weights: share
@@ -406,7 +406,7 @@ def figures(rows, gains, curves, folder):
         axes[0][0].legend(fontsize=7)
         save(fig, "weights_noisy_clean.png")
 
-    if any("w_auc" in e for r in rows for e in r["log"]):  # SPEC section 8: does the meta level learn?
+    if any("w_auc" in e for r in rows for e in r["log"]):  # METHOD.md §8: does the meta level learn?
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for i, m in enumerate(molere.METHODS):  # one colour per method, one line per seed (seeds can disagree)
             for k, r in enumerate(sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])):
@@ -467,7 +467,7 @@ def main():
     sections = [("(a) accuracy", accuracy_table(rows)),
                 ("(b) paired comparisons", comparison_table(rows)),
                 ("(c) regime check and meta-level diagnostics", regime_table(rows)),
-                ("(c) the meta level, per method and seed (SPEC section 8)", meta_level_table(rows)),
+                ("(c) the meta level, per method and seed (METHOD.md §8)", meta_level_table(rows)),
                 ("(c) MOLERE's re-splits", resplit_table(rows)),
                 ("(d) margin analysis: paired test-margin differences method − ERM (same image, same seed)",
                  margin_table(gains)),

@@ -8,7 +8,7 @@ Both read the packed CIFAR-10 subset (`python -m tools.pack`) and run every (met
 their study as parallel processes on the one GPU (tools/schedule.py --per-gpu), sized to end
 inside the call:
   anchor      40% uniform label noise, a clean meta set of 2% of the pool, ResNet-32 with
-              augmentation: ERM, LRW-Random (clean S_val), MOLERE, MW-Net and L2RW (SPEC 8)
+              augmentation: ERM, LRW-Random (clean S_val), MOLERE, MW-Net and L2RW (METHOD.md §8)
   paper-mini  the paper's balanced comparison on clean labels, WRN-16-4 with augmentation:
               ERM, ERM-tr, LRW-Random, LRW-Easy, LRW-Hard and MOLERE (Easy and Hard after ERM)
 Sizing is measured, not hoped: every run of the plan is started at once as a probe that times

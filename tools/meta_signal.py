@@ -7,7 +7,7 @@ at the end of each of --at-epochs, holds theta fixed and draws --batches pairs o
 batch and a meta-set batch, as a run would. For each weight net, freshly initialised as a run
 initialises it (our g_phi on [h(x), y]; the same with the loss as one more input; MW-Net's net
 on the loss alone), it computes each pair's meta-gradient d_m = dL_val(theta')/dphi the way
-molere.meta_step does (SPEC section 7's g, then autograd.grad(w~, phi, g)), and prints:
+molere.meta_step does (METHOD.md §7's g, then autograd.grad(w~, phi, g)), and prints:
   consistency  ||mean_m d_m|| / mean_m ||d_m||: 1 when every batch pushes phi the same way,
                about 1 / sqrt(M) when the directions are random: what steps can accumulate
   alignment    cosine between the mean meta-gradient step -mean_m d_m and the steepest way to
