@@ -238,21 +238,63 @@ class Compiled:
 
 
 def load_torchvision(name, weights="", image_size=32):
-    """torchvision model NAME with its own head, its pretrained state_dict loaded from the local
-    file `weights` if given (nothing is downloaded). A ViT is built for `image_size` unless
-    weights fix it (224); a file that does not fit the model is refused in one line."""
+    """torchvision model NAME with its own head, built with weights=None (nothing is ever
+    downloaded), its pretrained tensors loaded from the local file `weights` if given
+    (`read_weights`). A ViT is built for `image_size` unless weights fix it (224); a file that
+    does not fit the model is refused in one line."""
     kwargs = {"image_size": image_size} if name.startswith("vit") and not weights else {}
-    model = torchvision.models.get_model(name, **kwargs)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights:
+        state, ours = read_weights(weights)
+        head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except FileNotFoundError:
-            raise DataError(f"--weights {weights}: no such file") from None
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # our checkpoint holds the backbone without its own head (ours replaced it): that may miss
+            left = [k for k in missing if not (ours and head and k.rpartition(".")[0] == head[0])]
+            if left or unexpected:
+                raise RuntimeError(f"missing keys {left[:3]}, unexpected keys {unexpected[:3]}")
         except Exception as e:
             first = " ".join(str(e).split())[:200] or type(e).__name__
             raise DataError(f"--weights {weights} does not fit tv:{name}: {first}") from None
     return model
+
+
+def read_weights(path):
+    """The tensors of a weights file, whatever the usual wrapping: a state_dict, {'state_dict': ...},
+    {'model': ...} (torchvision's reference scripts), {'model_state_dict': ...}, or a checkpoint of
+    this project (its classifier's backbone, `body.*`); prefixes `module.` (DDP) and `_orig_mod.`
+    (torch.compile) dropped. Read with weights_only, so a file that would run code is refused.
+    Returns (state_dict, whether it came from our checkpoint); anything else is one line."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"--weights {path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a class to import and call: loading would run code
+            raise DataError(f"--weights {path} would run code when loaded (it pickles objects, not only "
+                            f"tensors): refused; save model.state_dict() with torch.save instead") from None
+        raise DataError(f"--weights {path} is not a file torch.load can read (not a PyTorch pickle)") from None
+    except Exception as e:
+        raise DataError(f"--weights {path} is not a file torch.load can read ({_first_words(e)})") from None
+    ours = isinstance(obj, dict) and {"model", "config", "method"} <= set(obj)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    tensors = isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+    if not tensors:
+        found = f"a dict with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise DataError(f"--weights {path}: found {found}, not a state_dict (nor one under 'state_dict', 'model' "
+                        f"or 'model_state_dict', nor a checkpoint of molere.py)")
+    if ours:  # our classifier: Torchvision(body, fc); the body is the torchvision model, head removed
+        obj = {k[5:]: v for k, v in obj.items() if k.startswith("body.")}
+    for prefix in ("module.", "_orig_mod."):
+        obj = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in obj.items()}
+    return obj, ours
+
+
+def _first_words(e):
+    return " ".join(str(e).split())[:120] or type(e).__name__
 
 
 def has_checkpoint(path):

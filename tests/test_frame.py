@@ -390,3 +390,31 @@ def test_records_are_strict_json_with_nan_as_null(tmp_path):
     assert rows[1]["extra"] == [1.5, None] and rows[1]["log"][1]["w_loss_corr"] == -0.5
     table = analyze.regime_table(rows)
     assert "| lrw-random | 90.00, 90.00 | 0.100 → 0.200 | — | — |" in table, table
+
+
+def test_weights_in_the_formats_people_have(tmp_path):
+    """--weights reads a state_dict, {'state_dict'}, {'model'} (torchvision's references),
+    {'model_state_dict'}, DDP's `module.` prefix and a checkpoint of molere.py itself (its
+    classifier's backbone); a file that would run code, a file torch cannot read and a dict of
+    something else are each refused in one line that says which."""
+    import torchvision
+    torch.manual_seed(fresh_seed())
+    sd = torchvision.models.resnet18().state_dict()
+    ours = {"model": {**{"body." + k: v for k, v in sd.items() if not k.startswith("fc.")},
+                      "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)},
+            "config": {"arch": "tv:resnet18"}, "method": "erm", "epoch": 3}
+    for name, obj in (("plain", sd), ("sd", {"state_dict": sd}), ("model", {"model": sd, "epoch": 90}),
+                      ("msd", {"model_state_dict": sd}), ("ddp", {"module." + k: v for k, v in sd.items()}),
+                      ("ours", ours)):
+        torch.save(obj, tmp_path / f"{name}.pt")
+        model = molere_io.load_torchvision("resnet18", str(tmp_path / f"{name}.pt"))
+        assert torch.equal(model.conv1.weight, sd["conv1.weight"]), name
+        assert torch.equal(model.layer4[1].bn2.running_var, sd["layer4.1.bn2.running_var"]), name
+    torch.save(torchvision.models.resnet18(), tmp_path / "pickled.pt")  # a whole module: runs code to load
+    (tmp_path / "notes.txt").write_text("101 dalmatians\n")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "other.pt")
+    for name, says in (("pickled.pt", "would run code when loaded"), ("notes.txt", "is not a file torch.load can read"),
+                       ("other.pt", "found a dict with keys ['epoch', 'lr'], not a state_dict")):
+        with pytest.raises(molere_io.DataError) as e:
+            molere_io.load_torchvision("resnet18", str(tmp_path / name))
+        assert says in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
