@@ -69,9 +69,10 @@ def config_problem(cfg):
         choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
         choice("splitter_data", ("val", "all")),
         (cfg.arch in ("wrn", "resnet32") or
-         cfg.arch.startswith("tv:") and cfg.arch[3:] in torchvision.models.list_models(),
-         f"--arch must be wrn, resnet32 or tv:NAME with NAME a torchvision model (tv:resnet18, tv:resnet50, "
-         f"tv:vit_b_16, ...), got {cfg.arch!r}"),
+         cfg.arch.startswith("tv:") and cfg.arch[3:] in torchvision.models.list_models(module=torchvision.models),
+         f"--arch must be wrn, resnet32 or tv:NAME with NAME a torchvision classification model (tv:resnet18, "
+         f"tv:resnet50, tv:vit_b_16, ...), got {cfg.arch!r}"),
+        _input_size_problem(cfg),
         (not cfg.weights or cfg.arch.startswith("tv:"), "--weights is for --arch tv:NAME only"),
         choice("meta_input", ("features", "features+loss")), choice("meta_lr_per", ("meta-step", "step")),
         choice("meta_init", ("uniform", "loss-first")),
@@ -237,12 +238,31 @@ class Compiled:
         return self.fn(*args)
 
 
+def _input_size_problem(cfg):
+    """(ok, message) for a torchvision model's smallest input (its weights' `min_size`) against the
+    images it will see: --image-size for a folder, 32 for CIFAR and the synthetic set. A ViT without
+    weights is built for the images it sees, so it has no such bound."""
+    name = cfg.arch[3:]
+    if not cfg.arch.startswith("tv:") or name not in torchvision.models.list_models(module=torchvision.models) \
+            or (name.startswith("vit") and not cfg.weights):
+        return True, ""
+    side = cfg.image_size if cfg.dataset.startswith("folder:") else 32
+    least = max(next(iter(torchvision.models.get_model_weights(name))).meta.get("min_size", (1, 1)))
+    return side >= least, (f"--arch tv:{name} needs images of at least {least} x {least} pixels; it would see "
+                           f"{side} x {side} ({'--image-size' if cfg.dataset.startswith('folder:') else 'CIFAR'})")
+
+
+AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are built off: one output, one head
+
+
 def load_torchvision(name, weights="", image_size=32):
     """torchvision model NAME with its own head, built with weights=None (nothing is ever
     downloaded), its pretrained tensors loaded from the local file `weights` if given
     (`read_weights`). A ViT is built for `image_size` unless weights fix it (224); a file that
     does not fit the model is refused in one line."""
     kwargs = {"image_size": image_size} if name.startswith("vit") and not weights else {}
+    if name in AUX_HEADS:
+        kwargs.update(aux_logits=False, init_weights=True)
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights:
         state, ours = read_weights(weights)

@@ -106,6 +106,9 @@ BAD = [
     (["--meta-set", "clean:50", "--method", "lrw-hard"], "LRW-Easy and LRW-Hard have no split to choose"),
     (["--imbalance", "0.5"], "--imbalance is a ratio"),
     (["--arch", "vgg"], "--arch must be wrn, resnet32 or tv:NAME"),
+    (["--arch", "tv:fasterrcnn_resnet50_fpn"], "NAME a torchvision classification model"),  # never downloads
+    (["--arch", "tv:inception_v3"], "--arch tv:inception_v3 needs images of at least 75 x 75 pixels"),
+    (["--arch", "tv:vit_b_16", "--weights", "vit.pt"], "needs images of at least 224 x 224 pixels"),
     (["--method", "erm,lrw-medium"], "unknown --method"),
     (["--seeds", "0", "-1"], "--seeds must be non-negative"),
 ]

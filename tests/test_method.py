@@ -356,6 +356,29 @@ def test_instance_noise_depends_on_the_image():
         assert (moved != c).all() and len(moved.unique()) >= 2
 
 
+def test_a_torchvision_model_with_auxiliary_heads_trains_through_one_head():
+    """tv:googlenet is built with its auxiliary classifiers off (in train mode it would return a
+    tuple of three outputs): one logits tensor for our classes in train and eval mode, and the
+    fast meta-gradient equals the reference on it."""
+    fresh_seed()
+    model = molere.make_model(molere.Config(dataset="synthetic", arch="tv:googlenet"), 5).double()
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 5, (4,))
+    for train in (True, False):
+        logits, h = model.train(train)(x)
+        assert logits.shape == (4, 5) and h.shape == (4, 1024)
+    model.train()
+    rng = molere.rng_state(torch.device("cpu"))
+    w = torch.ones(4, dtype=torch.float64)
+    with molere.replay_rng(rng, x.device):
+        grads = torch.autograd.grad(weighted_cross_entropy(model(x)[0], y, w), list(model.parameters()))
+    state = torch.get_rng_state()
+    _, fast = molere.weight_grad_fast(model, x, y, grads, x, y, 0.1, rng)
+    torch.set_rng_state(state)  # the validation forward draws the same dropout masks in both paths
+    _, ref = molere.weight_grad_reference(model, x, y, w, x, y, 0.1, rng)
+    assert ref.abs().sum() > 1e-8
+    torch.testing.assert_close(fast, ref, rtol=1e-7, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "vit"])
 def test_torchvision_backbones_keep_the_meta_gradient_exact(name):
     """--arch tv:NAME: a torchvision ResNet-18 and a (tiny) torchvision ViT behind molere.Torchvision
