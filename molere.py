@@ -786,7 +786,7 @@ def epoch_batches(run, cfg):
     return my_share(order[:len(order) // cfg.batch_size * cfg.batch_size].view(-1, cfg.batch_size))
 
 
-def train_steps(run, data, cfg, batches):
+def train_steps(run, data, cfg, batches, on_step=None):
     """One classifier step per batch; every K-th step of LRW and MOLERE (every step of MW-Net and
     L2RW) also updates phi, and for MOLERE Theta. Returns the per-step statistics averaged, by
     name, and what the batches saw, for the frame's meta-level diagnostics (METHOD.md §8):
@@ -798,7 +798,7 @@ def train_steps(run, data, cfg, batches):
     seen = dict(w=torch.full((len(data.y),), float("nan"), device=run.device),
                 fit=torch.zeros(len(data.y), dtype=torch.bool, device=run.device),
                 phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone())
-    for idx in batches:
+    for done, idx in enumerate(batches, 1):
         update = True
         if run.spec.weights == "l2rw":
             update, w, fit = l2rw_step(run, data, cfg, idx, val_idx, stats)
@@ -813,15 +813,17 @@ def train_steps(run, data, cfg, batches):
             run.opt.step()
         seen["w"][idx], seen["fit"][idx] = w.float(), fit
         run.step += 1
+        if on_step is not None:  # the frame's progress line inside an epoch: steps done, of, losses
+            on_step(done, len(batches), stats["loss"])
     means = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist()  # one host sync
     return dict(zip(stats, means), steps=len(batches)), seen
 
 
-def train_epoch(run, data, cfg):
+def train_epoch(run, data, cfg, on_step=None):
     batches = epoch_batches(run, cfg)
     if not torch.is_tensor(data.x):  # images on disk: read the epoch's batches ahead, in this order
         data.x.expect(batches, cfg.augment)
-    return train_steps(run, data, cfg, batches)
+    return train_steps(run, data, cfg, batches, on_step)
 
 # ----------------------------------------------------------------------------- the splits
 
@@ -866,7 +868,7 @@ def molere_split(run, data, cfg):
 # ----------------------------------------------------------------------------- one run: the MOLERE loop
 
 
-def train(run, data, cfg, on_epoch=None):
+def train(run, data, cfg, on_epoch=None, on_step=None):
     """The algorithm (METHOD.md §§1 and 2), from wherever `run` stands, fresh or restored:
       every epoch     one classifier step per batch of S_tr; every K-th step (every step for
                       MW-Net and L2RW) also a meta step on phi, and for MOLERE a splitter step
@@ -874,14 +876,15 @@ def train(run, data, cfg, on_epoch=None):
       MOLERE          after W warm-up epochs on a random split, every R epochs S_val becomes the
                       splitter's hard split (`molere_split`)
     `on_epoch(run, entry, seen)` receives each epoch's log entry and what its batches saw
-    (`train_steps`): the frame measures, evaluates, checkpoints and prints there (molere_cli.py)."""
+    (`train_steps`): the frame measures, evaluates, checkpoints and prints there (molere_cli.py);
+    `on_step(done, steps, losses)` is called after each step, for a progress line."""
     while run.epoch < cfg.epochs:
         split = {}
         if run.spec.split == "splitter" and run.epoch >= cfg.warmup_epochs and \
                 (run.epoch - cfg.warmup_epochs) % cfg.resplit_every == 0:
             run.val_mask, split = molere_split(run, data, cfg)
         lr = run.opt.param_groups[0]["lr"]
-        stats, seen = train_epoch(run, data, cfg)
+        stats, seen = train_epoch(run, data, cfg, on_step)
         run.sched.step()
         run.epoch += 1
         if on_epoch is not None:

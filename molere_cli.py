@@ -123,7 +123,8 @@ def lock(path, **how):
 def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     """Train one (method, seed) to the end with molere.train, from its checkpoint where --resume
     finds one, else from `val_mask` (molere.initial_split); after every epoch the test accuracy
-    (every --eval-every epochs and at the end), a checkpoint, a progress line and the budget.
+    (every --eval-every epochs and at the end), a checkpoint, a line in OUT/metrics.jsonl, a
+    progress line and the budget.
     Returns the run and its result record."""
     path, tag = checkpoint_path(rt, cfg, method, seed), f"[{method} seed {seed}]"
     run = Run(cfg, method, seed, data, rt.device, rt.compile)
@@ -144,15 +145,45 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
         run.log.append(entry)
         if rank() == 0:  # torchrun: one writer
             save_checkpoint(run, path, cfg)
-        print(progress_line(tag, entry, run, cfg.epochs), flush=True)
+            # the same numbers as the progress line, one strict-JSON line per epoch, while the run goes
+            append_result(os.path.join(rt.out, "metrics.jsonl"),
+                          dict(method=method, seed=seed, config_hash=config_hash(cfg), **entry))
+        print(("\r\033[K" if sys.stdout.isatty() else "") + progress_line(tag, entry, run, cfg.epochs), flush=True)
         if budget is not None:
             budget.spend()
         last["start"] = time.time()
 
-    train(run, data, cfg, on_epoch)
+    train(run, data, cfg, on_epoch, StepProgress(tag, run, cfg))
     if last["test"] is None:  # resumed from a checkpoint of the last epoch
         last["test"], _ = predict(run.fwd, data, data.x_test)
     return run, result_record(run, data, cfg, rt, last["test"])
+
+
+PROGRESS_EVERY_S = 30  # how often a progress line is printed inside an epoch when output is not a terminal
+
+
+class StepProgress:
+    """A progress line inside an epoch: steps done of the epoch's, images a second, the last
+    step's loss and the epoch's ETA; refreshed in place about once a second on a terminal,
+    printed every PROGRESS_EVERY_S seconds otherwise. Reads the loss (a host sync) only when it
+    prints."""
+
+    def __init__(self, tag, run, cfg):
+        self.tag, self.run, self.cfg, self.tty = tag, run, cfg, sys.stdout.isatty()
+        self.start = self.last = 0.0
+
+    def __call__(self, done, steps, losses):
+        now = time.time()
+        if done == 1:  # the clock starts once the first step (compilation, reading ahead) is over
+            self.start = self.last = now
+        if done == 1 or done == steps or now - self.last < (1 if self.tty else PROGRESS_EVERY_S):
+            return
+        self.last, spent = now, now - self.start  # timed from the end of the first step
+        eta = int(spent / (done - 1) * (steps - done))
+        line = (f"{self.tag} epoch {self.run.epoch + 1}/{self.cfg.epochs} step {done}/{steps} | "
+                f"{(done - 1) * self.cfg.batch_size / max(spent, 1e-9):.0f} img/s | loss {float(losses[-1]):.3f} | "
+                f"epoch ETA {eta // 60}:{eta % 60:02d}")
+        print("\r\033[K" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
 
 
 def epoch_diagnostics(run, data, seen):

@@ -72,6 +72,9 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
         assert torch.equal(ca["model"][k], cb["model"][k]), k
     assert torch.equal(ca["val_mask"], cb["val_mask"])
     assert ca["code"] == a["code"]
+    metrics = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]  # as the run went
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and metrics[-1]["test_acc"] == b["test_acc"]
+    assert [{k: v for k, v in m.items() if k not in ("method", "seed", "config_hash")} for m in metrics] == b["log"]
     for d in "ab":  # once the record is written, the previous epoch's spare checkpoint is removed
         assert not os.path.exists(tmp_path / d / "synthetic-molere-seed3.pt.prev")
 
@@ -421,3 +424,18 @@ def test_weights_in_the_formats_people_have(tmp_path):
         with pytest.raises(molere_io.DataError) as e:
             molere_io.load_torchvision("resnet18", str(tmp_path / name))
         assert says in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+
+
+def test_progress_inside_an_epoch(tmp_path, capsys, monkeypatch):
+    """Inside an epoch a progress line (steps done of the epoch's, images a second, the last
+    step's loss, the epoch's ETA) is printed every PROGRESS_EVERY_S seconds when the output is not
+    a terminal; the epoch's own line follows as before."""
+    import re
+    monkeypatch.setattr(molere_cli, "PROGRESS_EVERY_S", 0)
+    out = run_main(["--dataset", "synthetic", "--train-subset", "200", "--method", "lrw-random", "--epochs", "2",
+                    "--out", str(tmp_path)] + TINY, capsys).out
+    steps = [line for line in out.splitlines() if " step " in line]
+    pattern = r"\[lrw-random seed 0\] epoch (\d)/2 step (\d+)/9 \| \d+ img/s \| loss \d+\.\d{3} \| epoch ETA \d+:\d\d"
+    assert all(re.fullmatch(pattern, line) for line in steps), steps
+    assert [re.fullmatch(pattern, line).group(1, 2) for line in steps] == [(e, str(s)) for e in "12" for s in range(2, 9)]
+    assert "[lrw-random seed 0] epoch 2/2 | lr" in out
