@@ -137,3 +137,23 @@ def test_meta_signal_measure_against_the_reference_and_a_real_step(tmp_path):
             torch.nn.utils.parameters_to_vector(run.meta.parameters()) + 1e-2 * step / step.norm(),
             run.meta.parameters())
     assert (gap() < before) == (alignment > 0), (before, gap(), alignment)
+
+
+def test_intervals_and_held_out_accuracy():
+    """The t critical value against closed forms (df 1: tan(pi/2 (1 - p)); df 2:
+    sqrt(2 (1 - p)^2 / (1 - (1 - p)^2))), the 95% interval of a mean, and held-out S_val accuracy
+    paired against the reference's ERM-tr of the same seed and split (margin > 0: correct)."""
+    assert analyze.t_quantile(1) == pytest.approx(math.tan(math.pi / 2 * 0.95), rel=1e-6)
+    assert analyze.t_quantile(2) == pytest.approx(math.sqrt(2 * 0.95 ** 2 / (1 - 0.95 ** 2)), rel=1e-6)
+    lo, hi = analyze.interval([1.0, 2.0, 3.0])
+    assert (lo + hi) / 2 == pytest.approx(2.0) and hi - lo == pytest.approx(2 * analyze.t_quantile(2) / math.sqrt(3))
+    val = [0, 1, 2, 3]
+    rec = lambda m, seed, margins: dict(method=m, seed=seed, val_mask=val, train_margins=margins + [0.5, -0.5])
+    reference = [rec("erm-tr", 0, [0.1, 0.2, -0.1, -0.2]), rec("erm-tr", 1, [0.1, -0.2, -0.1, -0.2]),
+                 rec("lrw-random", 0, [0.1, 0.2, 0.3, -0.2]), rec("lrw-random", 1, [0.1, -0.2, -0.1, -0.2])]
+    rows = [rec("lrw-random", 0, [0.1, 0.2, 0.3, 0.4]), rec("lrw-random", 1, [-0.1, -0.2, -0.1, -0.2])]
+    lines = analyze.heldout_table(rows, reference).splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0][:5] == ["lrw-random (this study)", "100.00, 0.00", "+50.00, -25.00", "+12.50 (-463.98 to +488.98)",
+                            "1+ / 1−"], cells[0]
+    assert cells[1][:3] == ["lrw-random (reference)", "75.00, 25.00", "+25.00, +0.00"] and len(cells) == 2

@@ -59,6 +59,55 @@ def t_test_p(diffs):
     return float(min(1.0, 2 * (w * f).sum() * (math.pi / 2 - lo) / (3 * steps)))
 
 
+def t_quantile(df, p=0.05):
+    """The two-sided critical value of Student's t (|T| > t with probability p), by bisection on
+    t_test_p: a sample of df + 1 values whose t statistic is exactly t."""
+    n = df + 1
+    base = [1.0 if i % 2 else -1.0 for i in range(n)]
+    base = [b - statistics.mean(base) for b in base]  # mean 0; shifted by t sd / sqrt(n), its t is t
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        t = (lo + hi) / 2
+        if t_test_p([b + t * statistics.stdev(base) / math.sqrt(n) for b in base]) > p:
+            lo = t
+        else:
+            hi = t
+    return (lo + hi) / 2
+
+
+def interval(diffs):
+    """The 95% interval of the mean of paired differences (t, n - 1 degrees of freedom)."""
+    n = len(diffs)
+    half = t_quantile(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return statistics.mean(diffs) - half, statistics.mean(diffs) + half
+
+
+def heldout_table(rows, reference):
+    """Accuracy on the held-out S_val, a validation number (the classifier never trains on it),
+    of each run of `rows` and of `reference`'s runs with the same seed and the same S_val, and
+    each method's paired differences against the reference's erm-tr: mean, 95% interval, signs,
+    p. METHOD.md §9's 'does no harm in the clean setting'."""
+    def val_acc(r):
+        m = r["train_margins"]
+        return 100 * sum(m[i] > 0 for i in r["val_mask"]) / len(r["val_mask"])
+    base = {r["seed"]: r for r in reference if r["method"] == "erm-tr"}
+    head = ["run", "held-out S_val accuracy by seed (%)", "minus the reference's ERM-tr, by seed",
+            "mean (95% interval)", "signs", "p"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, runs in (("this study", rows), ("reference", reference)):
+        for m in molere.METHODS:
+            rs = sorted((r for r in runs if r["method"] == m and r["seed"] in base and r["val_mask"]
+                         and r["val_mask"] == base[r["seed"]]["val_mask"]), key=lambda r: r["seed"])
+            if not rs or (label == "reference" and m == "erm-tr"):
+                continue
+            diffs = [val_acc(r) - val_acc(base[r["seed"]]) for r in rs]
+            lo, hi = interval(diffs) if len(diffs) > 1 else (math.nan, math.nan)
+            mean, _, each, signs, p = describe(diffs)
+            lines.append(f"| {report.method_label(m)} ({label}) | {', '.join(f'{val_acc(r):.2f}' for r in rs)} | "
+                         f"{each} | {mean} ({lo:+.2f} to {hi:+.2f}) | {signs} | {p} |")
+    return "\n".join(lines)
+
+
 def describe(diffs):
     p = t_test_p(diffs)
     signs = f"{sum(d > 0 for d in diffs)}+ / {sum(d < 0 for d in diffs)}−"
@@ -449,6 +498,8 @@ def main():
     p.add_argument("--compare", action="store_true", help="one table of runs from several files whose configs differ")
     p.add_argument("--figures", help="folder for the PNG figures")
     p.add_argument("--into", help="a markdown file whose analyze block for these results gets the tables")
+    p.add_argument("--held-out", help="a reference results.jsonl: held-out S_val accuracy of both, paired against "
+                                      "its erm-tr of the same seed and split (the clean-data check of METHOD.md §9)")
     a = p.parse_args()
     if a.compare:
         return print(compare_table(a.results))
@@ -475,6 +526,9 @@ def main():
                 ("(d) learned weights of training images with flipped and with clean labels",
                  noise_table(noisy_clean_weights(rows))),
                 ("(e) wall time", time_table(rows))]
+    if a.held_out:
+        sections.insert(2, (f"(b) held-out S_val accuracy against `{a.held_out}`",
+                            heldout_table(rows, molere_io.read_results(a.held_out))))
     out += [f"\n#### {title}\n\n{table}" for title, table in sections if table]
     text = "\n".join(out)
     print(text)
