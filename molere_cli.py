@@ -68,13 +68,13 @@ def dataset_tag(cfg):
     return cfg.dataset
 
 
-def save_checkpoint(run, path, cfg):
+def save_checkpoint(run, path, cfg, data_prints=None):
     """Everything a run owns, as tensors, numbers, strings, lists and dicts only (readable with
     torch.load(weights_only=True)), written crash-safe (molere_io.write_checkpoint)."""
     ckpt = {k: getattr(run, k).state_dict() for k in Run.STATE}
     ckpt.update(config=config_record(cfg), method=run.method, seed=run.seed, epoch=run.epoch, step=run.step,
                 elapsed=run.elapsed, log=run.log, val_mask=run.val_mask.cpu(), rng=list(rng_state(run.device)),
-                code=source_version())
+                code=source_version(), data=data_prints)
     write_checkpoint(path, ckpt)
 
 
@@ -129,7 +129,7 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     path, tag = checkpoint_path(rt, cfg, method, seed), f"[{method} seed {seed}]"
     run = Run(cfg, method, seed, data, rt.device, rt.compile)
     if agree(rt.resume and has_checkpoint(path)):  # torchrun: every process resumes, or none
-        restore(run, read_checkpoint(path, config_record(cfg)))
+        restore(run, same_data(read_checkpoint(path, config_record(cfg)), path, data))
         print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
     else:
         run.val_mask = val_mask
@@ -144,7 +144,7 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
         entry["time_s"] = round(time.time() - last["start"], 2)
         run.log.append(entry)
         if rank() == 0:  # torchrun: one writer
-            save_checkpoint(run, path, cfg)
+            save_checkpoint(run, path, cfg, data.fingerprint)
             # the same numbers as the progress line, one strict-JSON line per epoch, while the run goes
             append_result(os.path.join(rt.out, "metrics.jsonl"),
                           dict(method=method, seed=seed, config_hash=config_hash(cfg), **entry))
@@ -355,12 +355,23 @@ def check_plan(cfg, rt, plan, seeds, data):
                 read_checkpoint(path, config_record(cfg))
 
 
+def same_data(ckpt, path, data):
+    """The checkpoint, if the data it was trained on is the data here (its fingerprint; a
+    checkpoint from before fingerprints passes); else one line naming what changed, before
+    anything is trained or written."""
+    changed = [part for part, h in (ckpt.get("data") or {}).items() if data.fingerprint.get(part) != h]
+    if changed:
+        raise UserError(f"{path}: {', '.join(changed)} changed since this run was checkpointed; nothing was "
+                        f"overwritten: restore the data, or start afresh with another --out")
+    return ckpt
+
+
 def finished_erm(cfg, rt, seed, data, budget):
     """The ERM model of this config and seed, for the train-twice margins (trained if needed),
     and its result record if it was trained here."""
     path = checkpoint_path(rt, cfg, "erm", seed)
     with lock(path, wait=f"[erm seed {seed}] waiting for another process that trains it ({path}.lock)"):
-        ckpt = read_checkpoint(path, config_record(cfg)) if has_checkpoint(path) else None
+        ckpt = same_data(read_checkpoint(path, config_record(cfg)), path, data) if has_checkpoint(path) else None
         if agree(ckpt is not None and ckpt["epoch"] == cfg.epochs):
             run = Run(cfg, "erm", seed, data, rt.device)
             run.model.load_state_dict((ckpt or read_checkpoint(path, config_record(cfg)))["model"])

@@ -7,6 +7,7 @@ class skew (the paper's Table 2), label noise (Table 3 and the noisy-label ancho
 training does with it is molere.get_batch: CIFAR stays on the device as uint8 (crop and flip done
 there, no DataLoader); a folder is read from disk by `FolderImages`.
 """
+import hashlib
 import math
 import os
 from collections import deque
@@ -282,6 +283,25 @@ class Data:
     noisy: torch.Tensor = None      # --noise: which labels of S it flipped (y != y_true)
     x_meta: FolderImages = None     # --meta-set folder:PATH: S_val from outside S (meta_mask: none of S)
     y_meta: torch.Tensor = None
+    fingerprint: dict = None        # what a checkpoint must find again on --resume (`fingerprint`)
+
+
+def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
+    """A short hash of each part of the data a run depends on, by name: images (array bytes, or a
+    folder's file list with sizes), labels, the noise draw, the test set, the meta set. A
+    checkpoint keeps it; --resume refuses a run whose data changed (molere_cli.fit)."""
+    def h(*parts):
+        d = hashlib.sha1()
+        for p in parts:
+            if p is None:
+                d.update(b"none")
+            elif torch.is_tensor(p):
+                d.update(p.detach().cpu().contiguous().numpy().tobytes())
+            else:  # FolderImages: which files, and how large each is
+                d.update("\n".join(f"{q}\t{os.path.getsize(q)}" for q in p.paths).encode())
+        return d.hexdigest()[:12]
+    return {"the pool's images": h(x), "the pool's labels": h(y_true), "the label noise": h(y),
+            "the test set": h(x_test, y_test), "the meta set": h(meta_mask, x_meta, y_meta)}
 
 
 def meta_set(cfg, y_true, classes, names, workers):
@@ -338,4 +358,4 @@ def load_data(cfg, device, data_root="data", download=True, workers=0):
     dev = lambda t: None if t is None else t.to(device)
     return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
                 dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None,
-                dev(x_meta), dev(y_meta))
+                dev(x_meta), dev(y_meta), fingerprint(x, y, y_true, xt, yt, meta_mask, x_meta, y_meta))

@@ -163,3 +163,35 @@ def test_subset_skew_noise_and_clean_meta_set_on_a_folder(tmp_path):
     assert names == [["a", "b", "c", "d"][c] for c in data.y_true.tolist()]
     assert data.noisy.any() and torch.equal(data.y[data.meta_mask], data.y_true[data.meta_mask])
     assert int(data.meta_mask.sum()) == 4
+
+
+def test_resume_refuses_data_that_changed(tmp_path, capsys):
+    """A checkpoint keeps a fingerprint of the data (a folder's files and their sizes, labels, the
+    noise, the test set, the meta set): an image added to the folder, one removed from its test
+    set, or another noise draw between a stop and --resume is refused in one line naming what
+    changed, and the checkpoint is left as it was; unchanged data resumes."""
+    root = tiny_tree(tmp_path / "pets")
+    out = tmp_path / "out"
+    argv = ["--dataset", f"folder:{root}", "--image-size", "16", "--arch", "resnet32", "--method", "erm",
+            "--epochs", "2", "--batch-size", "6", "--eval-every", "0", "--workers", "0", "--out", str(out)]
+    run_main(argv + ["--stop-after", "1"], capsys)
+    ckpt = out / "folder-pets-erm-seed0.pt"
+    before = ckpt.read_bytes()
+    write_folder(str(tmp_path / "extra"), ("cat",), 1, seed=5)
+    os.replace(tmp_path / "extra" / "cat" / "0.jpg", tmp_path / "pets" / "train" / "cat" / "new.jpg")
+    test_image = tmp_path / "pets" / "test" / "dog" / "0.jpg"
+    for change, says in ((lambda: None, "the pool's images"),
+                         (lambda: os.replace(test_image, tmp_path / "aside.jpg"), "the test set")):
+        change()
+        with pytest.raises(SystemExit) as e:
+            molere_cli.main(argv + ["--resume"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err and "changed" in err, err
+        assert ckpt.read_bytes() == before  # nothing overwritten
+    os.remove(tmp_path / "pets" / "train" / "cat" / "new.jpg")  # only the test set differs now
+    with pytest.raises(SystemExit):
+        molere_cli.main(argv + ["--resume"])
+    assert "the pool's images" not in capsys.readouterr().err
+    os.replace(tmp_path / "aside.jpg", test_image)  # the data as it was: the run resumes
+    text = run_main(argv + ["--resume"], capsys).out
+    assert "resumed" in text and len(molere_io.read_results(str(out / "results.jsonl"))) == 1
