@@ -157,3 +157,15 @@ def test_intervals_and_held_out_accuracy():
     assert cells[0][:5] == ["lrw-random (this study)", "100.00, 0.00", "+50.00, -25.00", "+12.50 (-463.98 to +488.98)",
                             "1+ / 1−"], cells[0]
     assert cells[1][:3] == ["lrw-random (reference)", "75.00, 25.00", "+25.00, +0.00"] and len(cells) == 2
+
+
+def test_the_papers_figures_only_beside_the_papers_kind_of_data():
+    """Fig. 1's CIFAR-100 gains sit beside clean CIFAR results (labelled as the paper's) and Table
+    2's beside CIFAR-100 class skew with ResNet-32; a folder of one's own, the synthetic set, or a
+    noisy or skewed setting the paper's figure does not cover get none."""
+    rows = lambda **cfg: [dict(config=cfg)]
+    assert report.paper_column(rows(), "cifar100")[1]["molere"] == "+1.96"
+    assert report.paper_column(rows(), "cifar10")[0] == "paper's CIFAR-100 gain"
+    assert report.paper_column(rows(arch="resnet32", imbalance=200.0), "cifar100")[1]["molere"] == "42.33"
+    for dataset, cfg in (("folder:/data/pets", {}), ("synthetic", {}), ("cifar10", {"noise": "uniform:0.4"})):
+        assert report.paper_column(rows(**cfg), dataset) == ("paper's figure", {}), dataset
