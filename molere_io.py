@@ -326,10 +326,16 @@ def write_checkpoint(path, ckpt):
     checkpoint is kept as PATH.prev until the new one is in place, so at every instant one
     complete checkpoint exists."""
     tmp = f"{path}.tmp{os.getpid()}"  # per process: two writers never share a temporary file
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save raises RuntimeError around the OSError)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write the checkpoint {path} ({_first_words(e)}); the previous one is intact: "
+                        f"free space and rerun with --resume") from None
     if os.path.exists(path):
         os.replace(path, path + ".prev")
     os.replace(tmp, path)
@@ -418,15 +424,19 @@ def append_result(path, result):
     fsynced: two processes sharing --out never interleave, and a crash leaves at most a torn last
     line, which the next append closes."""
     line = (json.dumps(finite_or_null(result), allow_nan=False) + "\n").encode()
-    with open(path, "ab+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        if f.seek(0, os.SEEK_END):
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = b"\n" + line
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "ab+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: at most a torn last line, which readers skip and the next append closes
+        raise UserError(f"could not append to {path} ({_first_words(e)}); the run's checkpoint is kept: free "
+                        f"space and rerun with --resume") from None
 
 
 # ----------------------------------------------------------------------------- the output folder, the machine

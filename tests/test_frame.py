@@ -439,3 +439,43 @@ def test_progress_inside_an_epoch(tmp_path, capsys, monkeypatch):
     assert all(re.fullmatch(pattern, line) for line in steps), steps
     assert [re.fullmatch(pattern, line).group(1, 2) for line in steps] == [(e, str(s)) for e in "12" for s in range(2, 9)]
     assert "[lrw-random seed 0] epoch 2/2 | lr" in out
+
+
+def test_a_full_disk_stops_a_run_in_one_line_and_resume_finishes_it(tmp_path, capsys, monkeypatch):
+    """ENOSPC while a checkpoint is written (epoch 2), then while the record is appended: each
+    stops the run with one line saying what happened, leaves no temporary file and the last
+    complete checkpoint intact; --resume then finishes the run with the record an uninterrupted
+    run writes."""
+    import builtins
+    import errno
+    argv = ["--dataset", "synthetic", "--train-subset", "200", "--method", "erm", "--epochs", "3"] + TINY
+    run_main(argv + ["--out", str(tmp_path / "ref")], capsys)
+    out = tmp_path / "out"
+    real_save, real_open, saves = torch.save, builtins.open, []
+
+    def full_disk_on_second_save(obj, f):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f)
+
+    def full_disk_for_records(path, *a, **k):
+        if str(path).endswith("results.jsonl") and a and "a" in a[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+
+    for patch, says in (((molere_io.torch, "save", full_disk_on_second_save), "could not write the checkpoint"),
+                        ((molere_io, "open", full_disk_for_records), "could not append to")):
+        monkeypatch.setattr(*patch, raising=False)
+        with pytest.raises(SystemExit) as e:
+            molere_cli.main(argv + ["--out", str(out), "--resume"])
+        monkeypatch.undo()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err and "No space left" in err, err
+        assert not [p for p in os.listdir(out) if ".tmp" in p], os.listdir(out)
+    ckpt = torch.load(out / "synthetic-erm-seed0.pt", weights_only=True)
+    assert ckpt["epoch"] == 3  # the record failed after the last epoch's checkpoint was in place
+    run_main(argv + ["--out", str(out), "--resume"], capsys)
+    a, b = (molere_io.read_results(str(d / "results.jsonl")) for d in (tmp_path / "ref", out))
+    untimed = lambda log: [{k: v for k, v in e.items() if k != "time_s"} for e in log]
+    assert len(b) == 1 and a[0]["test_margins"] == b[0]["test_margins"] and untimed(a[0]["log"]) == untimed(b[0]["log"])
