@@ -479,3 +479,42 @@ def test_a_full_disk_stops_a_run_in_one_line_and_resume_finishes_it(tmp_path, ca
     a, b = (molere_io.read_results(str(d / "results.jsonl")) for d in (tmp_path / "ref", out))
     untimed = lambda log: [{k: v for k, v in e.items() if k != "time_s"} for e in log]
     assert len(b) == 1 and a[0]["test_margins"] == b[0]["test_margins"] and untimed(a[0]["log"]) == untimed(b[0]["log"])
+
+
+def test_a_scheduler_worker_killed_mid_run_is_reported_and_resumed(tmp_path, capsys, monkeypatch):
+    """A worker process killed (SIGKILL) after its first checkpoint: the scheduler says so in one
+    line per run and ends with one line; rerunning the same command resumes that run from its
+    checkpoint and finishes the plan, each run's record written once."""
+    import threading
+    import time
+    from tools import schedule
+    out = tmp_path / "out"
+    argv = ["--dataset", "synthetic", "--train-subset", "200", "--method", "erm,lrw-random", "--epochs", "3",
+            "--seeds", "0", "--device", "cpu", "--threads", "1", "--out", str(out), "--resume"] + TINY
+    real = schedule.launch
+
+    def launch(argv_, method, seed, *rest):
+        proc = real(argv_, method, seed, *rest)
+        if method == "lrw-random":
+            ckpt = out / "synthetic-lrw-random-seed0.pt"
+
+            def kill_after_first_checkpoint():
+                while not ckpt.exists() and proc.poll() is None:
+                    time.sleep(0.02)
+                proc.kill()
+            threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+        return proc
+
+    monkeypatch.setattr(schedule, "launch", launch)
+    monkeypatch.setattr(sys, "argv", ["schedule", "--workers", "2", "--"] + argv)
+    with pytest.raises(SystemExit) as e:
+        schedule.main()
+    text = capsys.readouterr()
+    assert e.value.code == 2 and "[lrw-random seed 0] killed by SIGKILL; its finished epochs are checkpointed" in text.out
+    assert text.err.strip().splitlines() == [text.err.strip()] and "did not finish: [lrw-random seed 0]" in text.err
+    monkeypatch.setattr(schedule, "launch", real)
+    schedule.main()
+    text = capsys.readouterr().out
+    assert "1 runs on 2 CPU worker(s); 1 finished earlier" in text and "[lrw-random seed 0] resumed from" in text
+    rows = molere_io.read_results(str(out / "results.jsonl"))
+    assert sorted(r["method"] for r in rows) == ["erm", "lrw-random"]

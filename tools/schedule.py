@@ -90,7 +90,9 @@ def main():
                     erm_done.add(seed)
                 elif proc.returncode != 0:
                     failed.append(tag)
-                    print(f"{tag} failed (exit {proc.returncode})", flush=True)
+                    how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                           else f"failed (exit {proc.returncode})")
+                    print(f"{tag} {how}; its finished epochs are checkpointed, a rerun continues it", flush=True)
                     if method == "erm":  # its train-twice runs cannot start
                         for job in [j for j in todo if j[0] in molere.NEEDS_ERM and j[1] == seed]:
                             todo.remove(job)
@@ -116,7 +118,8 @@ def main():
         sys.exit(130)
     print(report.report_table(molere_io.read_results(os.path.join(args.out, "results.jsonl"), molere_cli.config_hash(cfg)), cfg.dataset))
     if failed:
-        molere_cli.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+        molere_cli.fail(f"{len(failed)} run(s) did not finish: {', '.join(failed)}; rerun the same command to "
+                        f"continue them from their checkpoints")
 
 
 if __name__ == "__main__":
