@@ -110,7 +110,7 @@ class Config:
     # LRW and MOLERE
     delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
     K: int = knob(5, "meta-network and splitter update every K classifier steps (see --meta-steps-min)")
-    meta_steps_min: int = knob(270, "a run makes at least this many meta steps: K is lowered (to 1 at the "
+    meta_steps_min: int = knob(540, "a run makes at least this many meta steps: K is lowered (to 1 at the "
                                     "least) where --epochs x steps an epoch / K is fewer; 0: K as given")
     meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
     weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's "
@@ -125,9 +125,9 @@ class Config:
     meta_input: str = knob("features+loss", "what our meta-network g_phi sees: features+loss ([h(x), "
                                             "onehot(y)] and the sample's detached loss) | features ([h(x), "
                                             "onehot(y)] only: before 2026-11-29; RESULTS section 7)")
-    meta_init: str = knob("uniform", "how g_phi's first layer starts: uniform (torch's default for every "
-                                     "input) | loss-first (with --meta-input features+loss: the weights on h "
-                                     "and y start at 0, so g_phi starts as a function of the loss alone)")
+    meta_init: str = knob("loss-first", "how g_phi's first layer starts: loss-first (with --meta-input "
+                                        "features+loss: its weights on h and y start at 0, so g_phi starts as "
+                                        "a function of the loss alone) | uniform (torch's default everywhere)")
     warmup_epochs: int = knob(25, "MOLERE: epochs on a random split before the splitter's")
     resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
     lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
@@ -602,7 +602,7 @@ def meta_every(cfg, spec, n_train):
     """Classifier steps per meta step (and splitter step): 1 for MW-Net and L2RW; else K, lowered
     where a run would make fewer than cfg.meta_steps_min meta steps (RESULTS section 8: the meta
     level needs a number of meta-gradients, not only a distance to move). The paper's CIFAR-100
-    run (200 epochs of 351 steps) keeps K = 5 for any minimum up to 14,040."""
+    run (200 epochs of 351 steps) keeps K = 5 for any minimum up to 14,040 (the default is 540)."""
     if spec.every_step:
         return 1
     steps = cfg.epochs * (n_train // cfg.batch_size)

@@ -14,8 +14,10 @@
 #   bash reproduce.sh cifar10-anchor-pilots its pilots: our meta-network with the loss as input and/or a meta step
 #                                  every step; MW-Net with unnormalised weights (two queues, resumable)
 #   bash reproduce.sh control      the known answer of RESULTS.md section 8: synthetic set, 40% label noise, a clean
-#                                  meta set; ERM, ERM-tr, MW-Net, L2RW, LRW-Random, MOLERE, 5 seeds (minutes a run)
-#   bash reproduce.sh control-clean the chosen defaults in the clean setting of section 1 (LRW-Random, 3 seeds)
+#                                  meta set; ERM, ERM-tr, MW-Net, L2RW, LRW-Random, MOLERE, 5 seeds (minutes a run);
+#                                  control-round2: the same at round 2's defaults, as it ran
+#   bash reproduce.sh control-clean the chosen defaults in the clean setting of section 1 (LRW-Random, 3 seeds),
+#                                  beside section 1's ERM-tr on the held-out split
 #   bash reproduce.sh control-pilots its pilots: the meta lr per step, K, g_phi's input, width and initialisation
 #   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
 #                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
@@ -155,18 +157,24 @@ case "$cmd" in
       pilot k1-loss --method lrw-random --seeds 1 --K 1 --meta-input features+loss; } >> "$out/queue-e2.log" 2>&1 &
     wait
     "$PY" -m tools.analyze --compare results/cifar10-anchor/results.jsonl "$out"/*/results.jsonl ;;
-  control)  # RESULTS.md section 8: the known answer, every method at today's defaults, seeds that chose nothing
-    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${CONTROL[@]}" --seeds 100 101 102 103 104 \
+  control)  # RESULTS.md section 8: the known answer, every method at the chosen defaults, seeds that chose nothing
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${CONTROL[@]}" --seeds 200 201 202 203 204 \
       --method erm,erm-tr,mwn,l2rw,lrw-random,molere --out results/control "$@"
     "$PY" -m tools.analyze results/control/results.jsonl --figures results/control --into RESULTS.md ;;
-  control-round3)  # RESULTS.md section 8, round 3's confirmation: 540 meta steps, loss-first, on seeds 200-204
-    "$PY" -m tools.schedule --workers "${WORKERS:-1}" -- "${CONTROL[@]}" --seeds 200 201 202 203 204 \
-      --method erm,lrw-random --meta-steps-min 540 --meta-init loss-first --out results/control-round3 "$@" ;;
+  control-round2)  # RESULTS.md section 8: the same study at round 2's defaults, as it ran (seeds 100-104)
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${CONTROL[@]}" --seeds 100 101 102 103 104 \
+      --meta-steps-min 270 --meta-init uniform --method erm,erm-tr,mwn,l2rw,lrw-random,molere \
+      --out results/control-round2 "$@"
+    "$PY" -m tools.analyze results/control-round2/results.jsonl --figures results/control-round2 --into RESULTS.md ;;
   control-clean)  # RESULTS.md section 8: the chosen defaults in the clean setting of section 1 (no harm?)
     root=${DATA_ROOT:-../shared/data}
-    "$PY" molere.py --data-root "$root" --dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 \
-      --epochs 20 --batch-size 64 --no-augment --warmup-epochs 5 --resplit-every 3 --eval-every 5 --seeds 0 1 2 \
-      --method lrw-random --threads 1 --out results/control-clean --resume "$@" ;;
+    clean() { "$PY" molere.py --data-root "$root" --dataset cifar10 --train-subset 4000 --depth 10 --width 2 \
+                --dropout 0 --epochs 20 --batch-size 64 --no-augment --warmup-epochs 5 --resplit-every 3 \
+                --eval-every 5 --seeds 0 1 2 --method lrw-random --threads 1 --resume "$@"; }
+    clean --out results/control-clean-round2 --meta-steps-min 270 --meta-init uniform  # round 2's, as it ran
+    clean --out results/control-clean
+    "$PY" -m tools.analyze results/control-clean/results.jsonl --held-out results/cifar10-cpu-2/results.jsonl \
+      --into RESULTS.md ;;
   control-pilots)  # RESULTS.md section 8, pilots: which setting of our meta-network learns in the control
     out=results/control-pilots
     mkdir -p "$out"
@@ -210,6 +218,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round3, control-clean, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac

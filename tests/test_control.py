@@ -34,7 +34,7 @@ def test_the_meta_level_sees_flipped_labels_where_erm_memorises_them():
     data = molere_data.load_data(cfg, torch.device("cpu"))
     data.x = F.interpolate(data.x.float(), size=8, mode="area").round().to(torch.uint8)
     erm, mwn, ours = (control_run(m, seed, cfg, data) for m in ("erm", "mwn", "lrw-random"))
-    assert molere.meta_every(cfg, molere.METHODS["lrw-random"], 450) == 1  # 360 steps < 270 x 2: K = 1
+    assert molere.meta_every(cfg, molere.METHODS["lrw-random"], 450) == 1  # 360 steps < 540: K = 1
     peak = lambda log: max(e["w_auc"] for e in log)
     print(f"erm fits {erm[-1]['fit_flipped']:.2f} of the flipped labels; mwn AUC last {mwn[-1]['w_auc']:.2f} "
           f"peak {peak(mwn):.2f} fits {mwn[-1]['fit_flipped']:.2f}; ours AUC last {ours[-1]['w_auc']:.2f} "

@@ -324,7 +324,8 @@ def test_fields_added_later_keep_earlier_configs_identity():
     assert molere_cli.config_hash(noisy) != molere_cli.config_hash(cfg)
     default = molere.Config(dataset="synthetic", depth=10, width=1)  # a default changed since: in the identity
     assert molere_cli.config_record(default)["meta_input"] == "features+loss"
-    assert molere_cli.config_record(default)["meta_steps_min"] == 270
+    assert molere_cli.config_record(default)["meta_steps_min"] == 540
+    assert molere_cli.config_record(default)["meta_init"] == "loss-first"
     assert molere_cli.config_hash(default) != molere_cli.config_hash(cfg)
 
 
