@@ -55,7 +55,7 @@ need_gpu() {  # drops --force from ARGS; without it, refuses to start on a machi
 # of CIFAR-10, no augmentation, 20 epochs, 3 seeds, every method and the erm-tr control.
 # Fixed from training numbers only, before the study ran (RESULTS.md). One thread, so that a
 # second core stays free and the wall times in the records mean something.
-CIFAR10_CPU=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 --dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20
+CIFAR10_CPU=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 --meta-init uniform --dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20
              --batch-size 64 --no-augment --warmup-epochs 5 --resplit-every 3 --eval-every 5
              --seeds 0 1 2 --method all --threads 1 --out results/cifar10-cpu-2 --resume)
 
@@ -74,7 +74,7 @@ launch() {
 # The noisy-label CPU study of RESULTS.md section 2: the same scale, 40% uniform label noise on
 # the pool, 100 clean class-balanced images as the meta set; ERM, LRW-Random (its S_val the clean
 # set), Meta-Weight-Net, and MOLERE (which splits the noisy pool itself). Two workers, one thread each.
-CIFAR10_NOISE=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 --dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20
+CIFAR10_NOISE=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 --meta-init uniform --dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20
                --batch-size 64 --no-augment --noise uniform:0.4 --meta-set clean:100 --warmup-epochs 5
                --resplit-every 3 --eval-every 5 --seeds 0 1 2 --method erm,lrw-random,mwn,molere
                --out results/cifar10-noise --resume)
@@ -83,7 +83,7 @@ CIFAR10_NOISE=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 
 # memorises the noise: 2,000 images, 40% uniform label noise, 100 clean class-balanced images as
 # the meta set, no augmentation, 40 epochs; ERM, LRW-Random (its S_val the clean set), MOLERE
 # (which splits the noisy pool itself), Meta-Weight-Net and L2RW. Two workers, one thread each.
-CIFAR10_ANCHOR=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 --dataset cifar10 --train-subset 2000 --depth 10 --width 2 --dropout 0 --epochs 40
+CIFAR10_ANCHOR=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0 --meta-init uniform --dataset cifar10 --train-subset 2000 --depth 10 --width 2 --dropout 0 --epochs 40
                 --batch-size 64 --no-augment --noise uniform:0.4 --meta-set clean:100 --warmup-epochs 10
                 --resplit-every 5 --eval-every 20 --seeds 0 1 2 --method erm,lrw-random,molere,mwn,l2rw
                 --out results/cifar10-anchor --resume)
