@@ -93,16 +93,26 @@ class StopAfter(Exception):
 
 
 class EpochBudget:
-    """How many more epochs this invocation may train (--stop-after; None: no limit)."""
+    """How many more epochs this invocation may train (--stop-after; None: no limit), and the
+    plan's clock: epochs left in the whole plan (`todo`, set by run_plan) at this invocation's pace."""
 
     def __init__(self, epochs=None):
         self.left = epochs or None
+        self.todo, self.done, self.start = 0, 0, time.time()
 
     def spend(self):
+        """One epoch trained: counted, and the invocation stops here if --stop-after says so."""
         if self.left is not None:
             self.left -= 1
             if self.left <= 0:
                 raise StopAfter
+
+    def tick(self):
+        self.done, self.todo = self.done + 1, max(0, self.todo - 1)
+
+    def plan_eta(self):
+        """Seconds until the whole plan is done, or None before the first epoch."""
+        return (time.time() - self.start) / self.done * self.todo if self.done else None
 
 
 def agree(value):
@@ -131,6 +141,8 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     if agree(rt.resume and has_checkpoint(path)):  # torchrun: every process resumes, or none
         restore(run, same_data(read_checkpoint(path, config_record(cfg)), path, data))
         print(f"{tag} resumed from {path} at epoch {run.epoch}", flush=True)
+        if budget is not None:
+            budget.todo = max(0, budget.todo - run.epoch)
     else:
         run.val_mask = val_mask
     last = dict(start=time.time(), test=None)
@@ -148,7 +160,11 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
             # the same numbers as the progress line, one strict-JSON line per epoch, while the run goes
             append_result(os.path.join(rt.out, "metrics.jsonl"),
                           dict(method=method, seed=seed, config_hash=config_hash(cfg), **entry))
-        print(("\r\033[K" if sys.stdout.isatty() else "") + progress_line(tag, entry, run, cfg.epochs), flush=True)
+        if budget is not None:
+            budget.tick()
+        plan_eta = budget.plan_eta() if budget is not None else None
+        print(("\r\033[K" if sys.stdout.isatty() else "") + progress_line(tag, entry, run, cfg.epochs, plan_eta),
+              flush=True)
         if budget is not None:
             budget.spend()
         last["start"] = time.time()
@@ -236,7 +252,7 @@ def result_record(run, data, cfg, rt, test_logits):
         device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"), code=source_version())
 
 
-def progress_line(tag, e, run, epochs):
+def progress_line(tag, e, run, epochs, plan_eta=None):
     eta = run.elapsed / run.epoch * (epochs - run.epoch)
     parts = [f"{tag} epoch {e['epoch']}/{epochs}", f"lr {e['lr']:.4g}", f"loss {e['loss']:.3f}"]
     if run.reweights:
@@ -253,8 +269,9 @@ def progress_line(tag, e, run, epochs):
         parts.append(f"new split: err val {e['val_err']:.1%} train {e['train_err']:.1%}, kept {e['split_kept']:.0%}")
     if "test_acc" in e:
         parts.append(f"test {e['test_acc']:.2f}%")
-    h, rest = divmod(int(eta), 3600)
-    parts.append(f"{e['time_s']:.1f}s ETA {h}:{rest // 60:02d}:{rest % 60:02d}")
+    clock = lambda s: f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}"
+    plan = f" (plan {clock(plan_eta)})" if plan_eta is not None and plan_eta > eta + 1 else ""
+    parts.append(f"{e['time_s']:.1f}s ETA {clock(eta)}{plan}")
     return " | ".join(parts)
 
 
@@ -386,6 +403,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
     the train-twice margins; a lock per run, so that a plan launched twice trains each run once."""
     results_path = os.path.join(rt.out, "results.jsonl")
     done = agree({(r["method"], r["seed"]) for r in read_results(results_path, config_hash(cfg))} if rt.resume else set())
+    budget.todo = cfg.epochs * sum((m, s) not in done for s in seeds for m in plan)  # less what resumes
     for seed in seeds:
         erm_model = None
         for method in plan:
@@ -479,7 +497,8 @@ def main(argv=None, handle_sigterm=False):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"{cfg.dataset}: {len(data.y)} training / {len(data.y_test)} test images, {data.classes} classes; "
-          f"{model_name(cfg)} on {device_name(rt.device)}; config {config_hash(cfg)}; "
+          f"{model_name(cfg)} on {device_name(rt.device)}{f' x {world()} processes' if world() > 1 else ''}; "
+          f"config {config_hash(cfg)}; "
           f"results -> {results_path}", flush=True)
     try:
         run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after))

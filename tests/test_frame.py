@@ -430,16 +430,19 @@ def test_weights_in_the_formats_people_have(tmp_path):
 def test_progress_inside_an_epoch(tmp_path, capsys, monkeypatch):
     """Inside an epoch a progress line (steps done of the epoch's, images a second, the last
     step's loss, the epoch's ETA) is printed every PROGRESS_EVERY_S seconds when the output is not
-    a terminal; the epoch's own line follows as before."""
+    a terminal; each epoch's own line gives the run's ETA, and the whole plan's while more is to come."""
     import re
     monkeypatch.setattr(molere_cli, "PROGRESS_EVERY_S", 0)
-    out = run_main(["--dataset", "synthetic", "--train-subset", "200", "--method", "lrw-random", "--epochs", "2",
+    out = run_main(["--dataset", "synthetic", "--train-subset", "200", "--method", "erm,lrw-random", "--epochs", "2",
                     "--out", str(tmp_path)] + TINY, capsys).out
-    steps = [line for line in out.splitlines() if " step " in line]
+    steps = [line for line in out.splitlines() if " step " in line and "lrw-random" in line]
     pattern = r"\[lrw-random seed 0\] epoch (\d)/2 step (\d+)/9 \| \d+ img/s \| loss \d+\.\d{3} \| epoch ETA \d+:\d\d"
     assert all(re.fullmatch(pattern, line) for line in steps), steps
     assert [re.fullmatch(pattern, line).group(1, 2) for line in steps] == [(e, str(s)) for e in "12" for s in range(2, 9)]
     assert "[lrw-random seed 0] epoch 2/2 | lr" in out
+    ends = [line for line in out.splitlines() if re.match(r"\[\S+ seed 0\] epoch \d/2 \| lr", line)]
+    assert [bool(re.search(r"ETA \d+:\d\d:\d\d \(plan \d+:\d\d:\d\d\)$", e)) for e in ends] == \
+        [True, True, False, False], ends  # the plan's ETA while another run is still to come
 
 
 def test_a_full_disk_stops_a_run_in_one_line_and_resume_finishes_it(tmp_path, capsys, monkeypatch):
