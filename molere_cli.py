@@ -101,7 +101,7 @@ class EpochBudget:
         self.todo, self.done, self.start = 0, 0, time.time()
 
     def spend(self):
-        """One epoch trained: counted, and the invocation stops here if --stop-after says so."""
+        """After an epoch: the invocation stops here once --stop-after epochs are spent."""
         if self.left is not None:
             self.left -= 1
             if self.left <= 0:
