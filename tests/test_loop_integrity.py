@@ -51,7 +51,7 @@ def test_meta_step_moves_phi_down_the_reference_meta_gradient_at_the_scheduled_l
     assert (step + eta * flat(ref)).norm() / (eta * flat(ref)).norm() < 1e-2
 
 
-def test_splitter_step_descends_specs_loss_on_the_right_images():
+def test_splitter_step_descends_its_loss_e9_on_the_right_images():
     """METHOD.md §2 written out in float64: CE(P(train), 1[y_hat = y]) - l_val on the S_val half
     of the batch, lambda_size R_size + lambda_bal R_bal on the half drawn from all of S (distinct
     lambdas); a plain SGD splitter optimiser must move Theta by -eta x its gradient."""
