@@ -50,7 +50,8 @@ class Method:
                 of the same seed) | splitter (random for the warm-up, then the splitter's hard split);
                 under --meta-set clean:N every split but none and splitter is the clean set
     weights     none (w = 1) | features (g_phi on [h(x), y]) | loss (MW-Net's net on the loss) |
-                l2rw (no network: from the per-sample meta-gradient, every step)
+                l2rw (no network: from the per-sample meta-gradient, every step) | class (no
+                meta level: the prior w = 1 / n_y, n_c the class counts of S_tr)
     every_step  a meta step on every classifier step (MW-Net's and L2RW's schedule), else every K
     role        "" for the paper's methods; control or baseline in tables"""
     split: str
@@ -60,8 +61,8 @@ class Method:
     meta_wd: float = 0.0  # weight decay of the meta optimizer (MW-Net's published code: 1e-4)
 
     @property
-    def reweights(self):
-        return self.weights != "none"
+    def reweights(self):  # a learned weight: a meta level to run
+        return self.weights not in ("none", "class")
 
 
 METHODS = {
@@ -73,6 +74,7 @@ METHODS = {
     "molere": Method("splitter", "features"),
     "mwn": Method("random", "loss", every_step=True, role="baseline", meta_wd=1e-4),  # Shu et al. 2019
     "l2rw": Method("random", "l2rw", every_step=True, role="baseline"),  # Ren et al. 2018
+    "erm-cb": Method("none", "class", role="baseline"),  # class-balanced ERM: does a meta level beat the prior?
 }
 ALL = [m for m, spec in METHODS.items() if spec.role != "baseline"]  # --method all: the paper's, the control
 ROLE = {m: spec.role for m, spec in METHODS.items() if spec.role}  # how tables label the others
@@ -640,6 +642,7 @@ class Run:
                                          lr=cfg.meta_lr * (self.K if cfg.meta_lr_per == "step" else 1))
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
         self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
+        self.prior = 1 / torch.bincount(data.y, minlength=data.classes).clamp(min=1).float()  # erm-cb: 1/n_c
         self.epoch = self.step = 0
         self.elapsed = 0.0
         self.log = []
@@ -678,7 +681,9 @@ def classifier_step(run, data, cfg, idx, stats, meta_next=False):
     the batch fits."""
     x, y, rng, logits, h = forward_batch(run, data, cfg, idx, keep_rng=meta_next)
     h = meta_input(run, h.detach(), logits, y)
-    if not run.reweights:
+    if run.spec.weights == "class":
+        w = run.prior[y]
+    elif not run.reweights:
         w = torch.ones(len(y), device=run.device)
     else:
         with torch.no_grad():

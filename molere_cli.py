@@ -149,7 +149,11 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
 
     def on_epoch(run, entry, seen):
         entry.update(epoch_diagnostics(run, data, seen))
-        if run.epoch == cfg.epochs or (rt.eval_every and run.epoch % rt.eval_every == 0):
+        best = max((e["meta_acc"] for e in run.log if "meta_acc" in e), default=-1.0)
+        if fixed_meta_set(data):  # the early-stopping baseline: test accuracy at each new best meta_acc
+            entry["meta_acc"] = accuracy(predict(run.fwd, data, meta_images(data))[0], meta_labels(data))
+        if run.epoch == cfg.epochs or (rt.eval_every and run.epoch % rt.eval_every == 0) or \
+                entry.get("meta_acc", -1.0) > best:
             last["test"], _ = predict(run.fwd, data, data.x_test)
             entry["test_acc"] = accuracy(last["test"], data.y_test)
         run.elapsed += time.time() - last["start"]
@@ -202,15 +206,41 @@ class StepProgress:
         print("\r\033[K" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
 
 
+def fixed_meta_set(data):
+    """Whether the run has a fixed meta set (--meta-set clean:N, outside:N or folder:PATH)."""
+    return data.x_meta is not None or (data.meta_mask is not None and bool(data.meta_mask.any()))
+
+
+def meta_images(data):
+    return data.x_meta if data.x_meta is not None else data.x[data.meta_mask]
+
+
+def meta_labels(data):
+    return data.y_meta if data.y_meta is not None else data.y[data.meta_mask]
+
+
+def best_on_meta_set(log):
+    """Early stopping on the meta set, the noisy-label literature's strong baseline (RESULTS §9): the
+    first epoch of highest meta-set accuracy and the test accuracy there (the frame evaluates the
+    test set at every new best). Empty without a fixed meta set."""
+    scored = [e for e in log if "meta_acc" in e]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda e: e["meta_acc"])  # the first of equals
+    return dict(best_meta_epoch=best["epoch"], best_meta_acc=best["meta_acc"], test_acc_best_meta=best["test_acc"])
+
+
 def epoch_diagnostics(run, data, seen):
     """METHOD.md §8: does the meta level learn? Over the epoch's training images (each seen
     once, its weight as its batch gave it, the label fit in train mode before the step):
     w_sat  share of raw sigmoid weights below 0.05 or above 0.95 (saturation)
     w_zero share of weights exactly 0 (L2RW)
     w_auc  AUC of the weights, clean images above flipped ones (only under --noise)
+    w_auc_minority  AUC of the weights, minority images above majority ones (--dataset spurious)
+    val_minority    the minority's share of S_val (--dataset spurious)
     dphi   the meta-network's parameter change over the epoch, ||phi_end - phi_start||
     fit_flipped, fit_clean  share of flipped / clean labels the batches predicted (under --noise)"""
-    if not run.reweights and data.noisy is None:
+    if not run.reweights and data.noisy is None and data.minority is None:
         return {}
     w, fits = seen["w"], seen["fit"]
     batched = ~torch.isnan(w)  # S_tr: the images the epoch's batches held
@@ -227,6 +257,14 @@ def epoch_diagnostics(run, data, seen):
         if run.reweights and flipped.any() and clean.any():
             out["w_auc"] = auc(w[clean], w[flipped])
         out["fit_flipped"], out["fit_clean"] = fits[flipped].float().mean(), fits[clean].float().mean()
+    if data.minority is not None:
+        few, many = batched & data.minority, batched & ~data.minority
+        if run.reweights and few.any() and many.any():
+            out["w_auc_minority"] = auc(w[few], w[many])
+        if run.val_mask.any():
+            out["val_minority"] = data.minority[run.val_mask].float().mean()
+    if not out:
+        return {}
     return dict(zip(out, torch.stack([v.float() for v in out.values()]).tolist()))  # one host sync
 
 
@@ -242,13 +280,24 @@ def result_record(run, data, cfg, rt, test_logits):
     if data.noisy is not None:  # the regime check under noise: does the model memorise the flipped labels?
         right = train_logits.argmax(1) == data.y
         fits = dict(fit_flipped=float(right[data.noisy].float().mean()), fit_clean=float(right[~data.noisy].float().mean()))
+    if data.minority is not None:  # the hard-samples known answer: the minority, tested and held out
+        fits.update(test_acc_majority=accuracy(test_logits[~data.minority_test], data.y_test[~data.minority_test]),
+                    test_acc_minority=accuracy(test_logits[data.minority_test], data.y_test[data.minority_test]),
+                    minority=data.minority.nonzero().squeeze(1).tolist())
+    right_test = (test_logits.argmax(1) == data.y_test).float()
+    per_class = lambda v, y: [round(float(v[y == c].mean()), 4) if (y == c).any() else None for c in range(data.classes)]
+    s_tr = ~run.val_mask
+    by_class = dict(test_acc_by_class=[None if a is None else round(a * 100, 2) for a in per_class(right_test, data.y_test)],
+                    train_counts=torch.bincount(data.y_true[s_tr], minlength=data.classes).tolist())
+    if weights is not None:  # the learned weight per class, over S_tr, against the prior 1 / n_c
+        by_class["weight_by_class"] = per_class(torch.tensor(weights, device=data.y.device)[s_tr], data.y[s_tr])
     return dict(
         method=run.method, seed=run.seed, dataset=cfg.dataset, config_hash=config_hash(cfg), config=config_record(cfg),
         test_acc=accuracy(test_logits, data.y_test), test_margins=rounded(margins(test_logits, data.y_test)),
         train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
         train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
         noisy=(data.y != data.y_true).nonzero().squeeze(1).tolist(),
-        val_size=int(run.val_mask.sum()), **fits, log=run.log, wall_time_s=round(run.elapsed, 1),
+        val_size=int(run.val_mask.sum()), **fits, **by_class, **best_on_meta_set(run.log), log=run.log, wall_time_s=round(run.elapsed, 1),
         device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"), code=source_version())
 
 
@@ -258,8 +307,9 @@ def progress_line(tag, e, run, epochs, plan_eta=None):
     if run.reweights:
         parts += [f"w {e['w_mean']:.2f} spread {e['w_spread']:.2f} corr(w,l) {e['w_loss_corr']:+.2f}",
                   f"val-loss {e['val_loss']:.3f}", f"val n={int(run.val_mask.sum())}"]
-    if "w_auc" in e or "w_sat" in e or "w_zero" in e:
-        parts.append(" ".join(f"{k} {e[k]:.2f}" for k in ("w_sat", "w_zero", "w_auc") if k in e))
+    shown = [k for k in ("w_sat", "w_zero", "w_auc", "w_auc_minority", "val_minority", "meta_acc") if k in e]
+    if shown:
+        parts.append(" ".join(f"{k} {e[k]:.2f}" for k in shown))
     if "fit_flipped" in e:
         parts.append(f"fits flipped {e['fit_flipped']:.0%} clean {e['fit_clean']:.0%}")
     if "split_fit" in e:
@@ -292,7 +342,7 @@ def build_parser():
         formatter_class=Help)
     a = p.add_argument
     a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
-      "mwn | l2rw (baselines) | all, or a comma list (all: every method but the baselines; ERM once per seed, "
+      "mwn | l2rw | erm-cb (baselines; erm-cb: ERM weighted by 1 / n_class) | all, or a comma list (all: every method but the baselines; ERM once per seed, "
       "reused for the train-twice margins)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")

@@ -48,6 +48,39 @@ def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled
     return (*sample(n_train, True), *sample(n_test, False), classes)
 
 
+# the second known answer (METHOD.md §9): how strong each cue is, chosen by the pilot of RESULTS §9
+SPURIOUS = dict(minority=0.2, shape=0.25, tint=0.5, noise=0.3)
+
+
+def make_spurious(n_train=2000, n_test=1000, classes=10, seed=4321, minority=None, shape=None, tint=None,
+                  noise=None):
+    """A synthetic set with a majority and a minority subpopulation in every class (METHOD.md §9,
+    the hard-samples known answer). Each class is a grey pattern of zero mean (the cue that
+    generalises) under a colour tint, a cue that is easier to learn and spurious: a training image
+    has its own class's tint with probability 1 - `minority`, another class's otherwise. The test
+    set is half majority, half minority, so its minority half measures what the pattern alone
+    teaches. The same for every training seed. Returns the training images and labels, the test
+    images and labels, the class count, and which training and test images are minority."""
+    p = dict(SPURIOUS, **{k: v for k, v in dict(minority=minority, shape=shape, tint=tint, noise=noise).items()
+                          if v is not None})
+    g = torch.Generator().manual_seed(seed)
+    shapes = F.interpolate(torch.rand(classes, 1, 4, 4, generator=g), size=32, mode="bilinear",
+                           align_corners=False)
+    shapes = shapes - shapes.mean((2, 3), keepdim=True)  # the pattern carries no colour of its own
+    tints = torch.rand(classes, 3, 1, 1, generator=g) - 0.5
+
+    def sample(n, minority):
+        y = (torch.arange(n) % classes)[torch.randperm(n, generator=g)]
+        tint_of = torch.where(minority, (y + torch.randint(1, classes, (n,), generator=g)) % classes, y)
+        x = 0.5 + p["shape"] * shapes[y] + p["tint"] * tints[tint_of] + p["noise"] * torch.randn(n, 3, 32, 32,
+                                                                                                 generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    m_train = torch.rand(n_train, generator=g) < p["minority"]
+    m_test = (torch.arange(n_test) % 2 == 1)[torch.randperm(n_test, generator=g)]  # half and half
+    return (*sample(n_train, m_train), *sample(n_test, m_test), classes, m_train, m_test)
+
+
 def balanced_subset(y, n, classes, seed=0):
     """A fixed class-balanced subset of n indices (same for every seed and method)."""
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -284,6 +317,8 @@ class Data:
     x_meta: FolderImages = None     # --meta-set folder:PATH: S_val from outside S (meta_mask: none of S)
     y_meta: torch.Tensor = None
     fingerprint: dict = None        # what a checkpoint must find again on --resume (`fingerprint`)
+    minority: torch.Tensor = None       # --dataset spurious: which images of S are minority (tint of another class)
+    minority_test: torch.Tensor = None  # and which test images
 
 
 def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
@@ -304,16 +339,28 @@ def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
             "the test set": h(x_test, y_test), "the meta set": h(meta_mask, x_meta, y_meta)}
 
 
-def meta_set(cfg, y_true, classes, names, workers):
+def meta_set(cfg, y_true, classes, names, workers, outside=None):
     """--meta-set: (meta_mask over S, the outside images and their labels). clean:N marks N
     class-balanced images of S; folder:PATH marks none of S and reads PATH's images, labelled by
-    the training class `names`; split: nothing (None, None, None)."""
+    the training class `names`; outside:N marks none of S and takes N class-balanced images of the
+    source's training set that S does not hold, `outside` = (their images, their labels), as
+    MW-Net's class-imbalance script builds its meta set (so a long-tailed S keeps all its tail);
+    split: nothing (None, None, None)."""
+    none_of_s = torch.zeros(len(y_true), dtype=torch.bool)
     if cfg.meta_set.startswith("folder:"):  # S_tr = S for every method; S_val these images
         paths, _, y_meta = scan_folder(cfg.meta_set[7:], names)
-        return torch.zeros(len(y_true), dtype=torch.bool), FolderImages(paths, cfg.image_size, workers), y_meta
+        return none_of_s, FolderImages(paths, cfg.image_size, workers), y_meta
     if cfg.meta_set == "split":
         return None, None, None
     n = int(cfg.meta_set.split(":")[1])
+    if cfg.meta_set.startswith("outside:"):
+        x_out, y_out = outside
+        counts = torch.bincount(y_out, minlength=classes)
+        if n < classes or n > int(counts.min()) * classes:
+            raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
+                            f"{int(counts.min()) * classes} (the images outside the pool, in its smallest class)")
+        pick = balanced_subset(y_out, n, classes, seed=3)
+        return none_of_s, x_out[pick], y_out[pick]
     counts = torch.bincount(y_true, minlength=classes)
     if n < classes or n > int(counts.min()) * classes // 2:
         raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
@@ -326,36 +373,47 @@ def meta_set(cfg, y_true, classes, names, workers):
 def load_data(cfg, device, data_root="data", download=True, workers=0):
     """The pool S (subset, class skew, noise, meta set: each fixed for every seed) and the
     untouched test split, on the device (a folder's images: read from disk by `workers` processes)."""
-    names = None
+    names = minority = minority_test = None
     if cfg.dataset == "synthetic":
         x, y, xt, yt, classes = make_synthetic()
+    elif cfg.dataset == "spurious":
+        x, y, xt, yt, classes, minority, minority_test = make_spurious()
     elif cfg.dataset == "packed":
         x, y, xt, yt, classes = load_packed(data_root)
     elif cfg.dataset.startswith("folder:"):
         x, y, xt, yt, classes, names = load_folder(cfg.dataset[7:], cfg.image_size, workers)
     else:
         x, y, xt, yt, classes = load_cifar(data_root, cfg.dataset, download)
+    pool = torch.arange(len(y))  # which of the source's training images S holds
     if cfg.train_subset:
         if cfg.train_subset > len(y):
             raise DataError(f"--train-subset {cfg.train_subset} exceeds the {len(y)} training images")
-        keep = balanced_subset(y, cfg.train_subset, classes)
-        x, y = x[keep], y[keep]
+        pool = balanced_subset(y, cfg.train_subset, classes)
+    outside = None
+    if cfg.meta_set.startswith("outside:"):  # beyond the balanced subset, before the skew takes its share
+        if not cfg.train_subset:
+            raise DataError("--meta-set outside:N draws from the training images beyond --train-subset: give it")
+        rest = torch.ones(len(y), dtype=torch.bool)
+        rest[pool] = False
+        outside = (x[rest], y[rest])
     if cfg.imbalance > 1:
-        keep = long_tail(y, cfg.imbalance, classes)
-        x, y = x[keep], y[keep]
+        pool = pool[long_tail(y[pool], cfg.imbalance, classes)]
+    x, y = x[pool], y[pool]
+    minority = None if minority is None else minority[pool]
     y_true = y
     if cfg.noise != "none":
         pixels = x.thumbnails() if cfg.noise.startswith("instance") and not torch.is_tensor(x) else x
         y = add_noise(y, cfg.noise, classes, pixels)
-    meta_mask, x_meta, y_meta = meta_set(cfg, y_true, classes, names, workers)
+    meta_mask, x_meta, y_meta = meta_set(cfg, y_true, classes, names, workers, outside)
     if cfg.meta_set.startswith("clean:"):
         y = torch.where(meta_mask, y_true, y)  # the clean meta set keeps its true labels
     if torch.is_tensor(x):
         xf = x.float() / 255
         mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
-    else:  # a folder's images are normalised as they are read (`folder_transform`)
+    else:  # a folder's images are normalised as they are read (FolderImages)
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     dev = lambda t: None if t is None else t.to(device)
     return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
                 dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None,
-                dev(x_meta), dev(y_meta), fingerprint(x, y, y_true, xt, yt, meta_mask, x_meta, y_meta))
+                dev(x_meta), dev(y_meta), fingerprint(x, y, y_true, xt, yt, meta_mask, x_meta, y_meta),
+                dev(minority), dev(minority_test))

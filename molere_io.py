@@ -43,7 +43,7 @@ class ConfigMismatch(UserError):
 # ----------------------------------------------------------------------------- CIFAR pickles
 
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
+DATASETS = ("synthetic", "spurious", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
 
 
 def _number(text):
@@ -94,10 +94,13 @@ def config_problem(cfg):
         (1 <= cfg.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {cfg.imbalance}"),
         (cfg.noise == "none" or (noise in ("uniform", "pair", "instance") and 0 < (_number(p) or 0) < 1),
          f"--noise must be none, uniform:p, pair:p or instance:p with p in (0, 1), got {cfg.noise!r}"),
-        (cfg.meta_set == "split" or (meta == "clean" and n.isdigit() and int(n) > 0) or (meta == "folder" and n),
-         f"--meta-set must be split, clean:N with N >= 1 or folder:PATH, got {cfg.meta_set!r}"),
+        (cfg.meta_set == "split" or (meta in ("clean", "outside") and n.isdigit() and int(n) > 0) or
+         (meta == "folder" and n),
+         f"--meta-set must be split, clean:N or outside:N with N >= 1, or folder:PATH, got {cfg.meta_set!r}"),
         (meta != "folder" or cfg.dataset.startswith("folder:"),
          "--meta-set folder:PATH needs --dataset folder:PATH (its images are read and transformed alike)"),
+        (meta != "outside" or not cfg.dataset.startswith("folder:"),
+         "--meta-set outside:N draws from a built-in set's training images; for a folder, use folder:PATH"),
     ]
     return next((message for ok, message in checks if not ok), None)
 

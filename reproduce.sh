@@ -19,6 +19,10 @@
 #   bash reproduce.sh control-clean the chosen defaults in the clean setting of section 1 (LRW-Random, 3 seeds),
 #                                  beside section 1's ERM-tr on the held-out split
 #   bash reproduce.sh control-pilots its pilots: the meta lr per step, K, g_phi's input, width and initialisation
+#   bash reproduce.sh spurious     the hard-samples known answer of RESULTS.md section 9 (synthetic; ERM, ERM-tr,
+#                                  LRW-Random, LRW-Hard, MOLERE, 5 seeds); spurious-pilots: its generator's pilot
+#   bash reproduce.sh noise-powered section 7's anchor at the defaults, 5 fresh seeds (hours; resumable)
+#   bash reproduce.sh clean-powered section 1's clean setting at the defaults, 5 fresh seeds (resumable)
 #   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
 #                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
 #                                  paper's balanced comparison on it. COPY_TO=DIR copies the table and records there
@@ -94,6 +98,19 @@ CIFAR10_ANCHOR=(--meta-input features --meta-lr-per meta-step --meta-steps-min 0
 CONTROL=(--dataset synthetic --train-subset 1000 --depth 10 --width 1 --dropout 0 --epochs 30 --batch-size 50
          --no-augment --noise uniform:0.4 --meta-set clean:100 --warmup-epochs 5 --resplit-every 5 --eval-every 0
          --threads 1 --resume)
+
+# The studies of RESULTS.md section 9, on seeds 300-304 that chose nothing. The hard-samples known
+# answer (METHOD.md §9): the spurious set, a grey class pattern under a colour tint that is another
+# class's in 20% of the training images; the rest as CONTROL.
+SPURIOUS=(--dataset spurious --train-subset 1000 --depth 10 --width 1 --dropout 0 --epochs 30 --batch-size 50
+          --no-augment --warmup-epochs 5 --resplit-every 5 --eval-every 0 --threads 1 --resume)
+# The noisy-label anchor of section 7 again, at the defaults of section 8, and the clean setting of section 1
+NOISE_POWERED=(--dataset cifar10 --train-subset 2000 --depth 10 --width 2 --dropout 0 --epochs 40 --batch-size 64
+               --no-augment --noise uniform:0.4 --meta-set clean:100 --warmup-epochs 10 --resplit-every 5
+               --eval-every 20 --threads 1 --resume)
+CLEAN_POWERED=(--dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20 --batch-size 64
+               --no-augment --warmup-epochs 5 --resplit-every 3 --eval-every 5 --threads 1 --resume)
+SEEDS9=(--seeds 300 301 302 303 304)
 
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
@@ -199,6 +216,27 @@ case "$cmd" in
       >> "$out/queue-d.log" 2>&1 &
     wait
     "$PY" -m tools.analyze --compare "$out"/default/results.jsonl "$out"/*/results.jsonl ;;
+  spurious)  # RESULTS.md section 9.2: the hard-samples known answer, 5 seeds (minutes a run)
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${SPURIOUS[@]}" "${SEEDS9[@]}" \
+      --method erm,erm-tr,lrw-random,lrw-hard,molere --out results/spurious "$@"
+    "$PY" -m tools.analyze results/spurious/results.jsonl --figures results/spurious --into RESULTS.md ;;
+  spurious-pilots)  # RESULTS.md section 9.2, pilot: the generator's cue strengths, on held-out training images
+    out=results/spurious-pilots
+    pilot() { "$PY" -m tools.spurious_pilot --minority 0.2 --tint 0.5 --shape "$1" --noise "$2" -- --dataset spurious \
+                --train-subset 1000 --depth 10 --width 1 --dropout 0 --epochs 30 --batch-size 50 --no-augment \
+                --eval-every 0 --threads 1 --resume --method erm-tr --seeds "${@:3}" --out "$out/s$1-t0.5-n$2"; }
+    # as they ran (2026-11-29): two settings on seed 0, then the third and fourth on seeds 0 and 1
+    pilot 0.35 0.25 0; pilot 0.5 0.25 0; pilot 0.25 0.3 0 1; pilot 0.2 0.3 0 1 ;;
+  noise-powered)  # RESULTS.md section 9.3: the noisy-label anchor at the defaults, 5 fresh seeds, 6 methods
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${NOISE_POWERED[@]}" "${SEEDS9[@]}" \
+      --method erm,erm-tr,mwn,l2rw,lrw-random,molere --out results/noise-powered "$@"
+    "$PY" -m tools.analyze results/noise-powered/results.jsonl --figures results/noise-powered --into RESULTS.md ;;
+  clean-powered)  # RESULTS.md section 9.4: the clean setting of section 1 at the defaults, 5 fresh seeds
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CLEAN_POWERED[@]}" "${SEEDS9[@]}" \
+      --method erm,erm-tr,lrw-random,lrw-hard,molere --out results/clean-powered "$@"
+    "$PY" -m tools.analyze results/clean-powered/results.jsonl --figures results/clean-powered --into RESULTS.md ;;
   gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
     out=${EVIDENCE_DIR:-runs/gpu-evidence}
     mkdir -p "$out"
@@ -218,6 +256,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, spurious, spurious-pilots, noise-powered, clean-powered, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac
