@@ -171,3 +171,30 @@ def test_the_papers_figures_only_beside_the_papers_kind_of_data():
     assert report.paper_column(rows(arch="resnet32", imbalance=200.0), "cifar100")[1]["molere"] == "42.33"
     for dataset, cfg in (("folder:/data/pets", {}), ("synthetic", {}), ("cifar10", {"noise": "uniform:0.4"})):
         assert report.paper_column(rows(**cfg), dataset) == ("paper's figure", {}), dataset
+
+
+def test_holm_and_the_minimum_detectable_effect():
+    # Holm by hand: sorted 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, then 0.04 x 1 = 0.04 kept monotone at 0.06
+    assert analyze.holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06])
+    assert analyze.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped
+    # t quantiles of the MDE against tables: t(0.975, 4) = 2.7764, t(0.80, 4) = 0.9410
+    assert analyze.mde(1.0, 5) == pytest.approx((2.7764 + 0.9410) / math.sqrt(5), abs=1e-3)
+    assert analyze.mde(2.0, 3) == pytest.approx((4.3027 + 1.0607) * 2 / math.sqrt(3), abs=1e-3)
+
+
+def test_family_tables_and_subpopulations_follow_the_records():
+    def rec(method, seed, acc, minority_acc):
+        return dict(method=method, seed=seed, test_acc=acc, test_acc_majority=2 * acc - minority_acc,
+                    test_acc_minority=minority_acc, minority=[0, 1], val_mask=[1, 2, 3, 4] if method != "erm" else [],
+                    config={}, dataset="spurious", log=[{"w_auc_minority": 0.7}] if "lrw" in method else [{}])
+    rows = [rec("erm", s, 80, 50 + s) for s in range(3)] + [rec("lrw-random", s, 81, 52 + 2 * s) for s in range(3)] + \
+        [rec("lrw-hard", s, 82, 60 + s * s) for s in range(3)]
+    text = analyze.family_tables(rows)
+    assert "Holm over 2" in text  # molere is absent: two of the four comparisons
+    d = [60 - 52, 61 - 54, 64 - 56]  # lrw-hard - lrw-random on the minority
+    line = next(l for l in text.splitlines() if l.startswith("| lrw-hard − lrw-random"))
+    p = analyze.t_test_p(d)
+    ps = [p, analyze.t_test_p([10, 10, 12])]  # and lrw-hard - erm
+    assert f"{analyze.holm(ps)[0]:.3f}" in line and f"{statistics.mean(d):+.2f}" in line
+    table = analyze.subpopulation_table(rows)
+    assert "| lrw-hard | 3 | 82.00 ± 0.00 |" in table and "| 25.00 ± 0.00 | 0.70 ± 0.00 |" in table  # 1 of S_val's 4 is minority

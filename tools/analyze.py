@@ -108,6 +108,157 @@ def heldout_table(rows, reference):
     return "\n".join(lines)
 
 
+def holm(ps):
+    """Holm's step-down adjustment of the p-values of one family (same order as given): the
+    i-th smallest p times (m - i + 1), kept monotone, capped at 1."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def mde(sd, n, power=0.8):
+    """Minimum detectable effect of a paired t-test at alpha = 0.05 (two-sided) with `power`:
+    (t(0.975, n-1) + t(power, n-1)) sd / sqrt(n)."""
+    return (t_quantile(n - 1) + t_quantile(n - 1, 2 * (1 - power))) * sd / math.sqrt(n)
+
+
+# The questions of RESULTS.md section 9, each one family of paired comparisons (a, b, what the
+# difference measures), Holm-adjusted within the family. A run's value is read by `metric`.
+FAMILIES = {
+    "hard samples (minority test accuracy)": (
+        lambda r: r.get("test_acc_minority"),
+        [("lrw-hard", "lrw-random"), ("molere", "lrw-random"), ("lrw-hard", "erm"), ("molere", "erm")]),
+    "class skew (overall test accuracy)": (
+        lambda r: r["test_acc"] if r["config"].get("imbalance", 1) > 1 else None,
+        [("mwn", "erm-cb"), ("lrw-random", "erm-cb"), ("molere", "erm-cb"), ("molere", "mwn")]),
+    "noisy labels: against ERM (test accuracy)": (
+        lambda r: r["test_acc"] if r.get("noisy") and "best_meta_epoch" in r else None,
+        [("mwn", "erm"), ("l2rw", "erm"), ("lrw-random", "erm"), ("molere", "erm")]),
+    "noisy labels: against ERM-tr stopped at its best meta-set epoch (test accuracy)": (
+        lambda r: (r["test_acc_best_meta"] if r["method"] == "erm-tr" else r["test_acc"])
+        if r.get("noisy") and "best_meta_epoch" in r else None,
+        [("mwn", "erm-tr"), ("l2rw", "erm-tr"), ("lrw-random", "erm-tr"), ("molere", "erm-tr")]),
+    "the paper's ordering on clean data (test accuracy)": (
+        lambda r: r["test_acc"] if not r.get("noisy") and r.get("minority") is None
+        and r["config"].get("imbalance", 1) == 1 and r["dataset"] != "synthetic" else None,
+        [("molere", "lrw-random"), ("lrw-random", "erm"), ("molere", "erm"), ("lrw-hard", "lrw-random")]),
+}
+
+
+def family_tables(rows):
+    """For each question of FAMILIES whose runs are here: every comparison's paired differences
+    by seed, mean and 95% interval, signs, raw and Holm-adjusted p, the MDE from its SD, and
+    the verdict by RESULTS.md section 9's rule."""
+    out = []
+    for question, (metric, pairs) in FAMILIES.items():
+        value = {}
+        for r in rows:
+            v = metric(r)
+            if v is not None:
+                value.setdefault(r["method"], {})[r["seed"]] = v
+        found = []
+        for a, b in pairs:
+            seeds = sorted(set(value.get(a, {})) & set(value.get(b, {})))
+            if len(seeds) >= 2:
+                found.append((a, b, [value[a][s] - value[b][s] for s in seeds]))
+        if not found:
+            continue
+        adjusted = holm([t_test_p(d) for _, _, d in found])
+        head = ["comparison", "n", "per seed", "mean (95% interval)", "signs", "p", "Holm p", "MDE (80% power)",
+                "verdict"]
+        lines = [f"**{question}**, Holm over {len(found)}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (a, b, d), p_adj in zip(found, adjusted):
+            lo, hi = interval(d)
+            mean, sd, each, signs, p = describe(d)
+            verdict = ("supported (a > b)" if statistics.mean(d) > 0 else "contradicted (a < b)") if p_adj < 0.05 \
+                else "below the detectable effect"
+            lines.append(f"| {a} − {b} | {len(d)} | {each} | {mean} ({lo:+.2f} to {hi:+.2f}) | {signs} | {p} | "
+                         f"{p_adj:.3f} | {mde(statistics.stdev(d), len(d)):.2f} | {verdict} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) or None
+
+
+def subpopulation_table(rows):
+    """The hard-samples known answer (--dataset spurious), per method: average, majority and
+    minority (worst-subpopulation) test accuracy, the minority's share of the final S_val, and
+    the weights' AUC ranking minority training images above majority ones, last epoch."""
+    if not any(r.get("minority") is not None for r in rows):
+        return None
+    head = ["method", "n", "average (%)", "majority (%)", "minority = worst (%)", "minority in S_val (%)",
+            "weights' AUC, minority above majority (last epoch)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ms = lambda xs: "—" if not xs else f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}"
+    for m in molere.METHODS:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        share = [100 * len(set(r["val_mask"]) & set(r["minority"])) / len(r["val_mask"]) for r in rs if r["val_mask"]]
+        aucs = [r["log"][-1]["w_auc_minority"] for r in rs if "w_auc_minority" in r["log"][-1]]
+        lines.append(f"| {report.method_label(m)} | {len(rs)} | {ms([r['test_acc'] for r in rs])} | "
+                     f"{ms([r['test_acc_majority'] for r in rs])} | {ms([r['test_acc_minority'] for r in rs])} | "
+                     f"{ms(share)} | {ms(aucs)} |")
+    return "\n".join(lines)
+
+
+def shot_table(rows):
+    """Class skew: test accuracy on the many-, medium- and few-shot classes (the floor(C/3)
+    largest classes of the pool, the floor(C/3) smallest, the rest), and per class the mean
+    learned weight over S_tr beside the prior 1/n_c (both divided by their mean over classes)."""
+    rows = [r for r in rows if r["config"].get("imbalance", 1) > 1 and r.get("train_counts")]
+    if not rows:
+        return None
+    counts = rows[0]["train_counts"]
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    third = len(counts) // 3
+    groups = {"many": order[:third], "medium": order[third:len(order) - third], "few": order[len(order) - third:]}
+    head = ["method", "n", "overall (%)"] + [f"{g}-shot (%), classes {sorted(cs)}" for g, cs in groups.items()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in molere.METHODS:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        part = lambda r, cs: statistics.mean(r["test_acc_by_class"][c] for c in cs)
+        cell = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}"
+        lines.append(f"| {report.method_label(m)} | {len(rs)} | {cell([r['test_acc'] for r in rs])} | " +
+                     " | ".join(cell([part(r, cs) for r in rs]) for cs in groups.values()) + " |")
+    prior = [1 / n for n in counts]
+    norm = lambda v: [x / statistics.mean(v) for x in v]
+    lines += ["", "Mean learned weight per class over S_tr, divided by its mean over classes (seeds averaged), "
+              "beside the prior 1/n_c divided alike:", "",
+              "| method | " + " | ".join(f"class {c} (n={counts[c]})" for c in range(len(counts))) + " |",
+              "|" + "---|" * (len(counts) + 1),
+              "| prior 1/n_c | " + " | ".join(f"{v:.2f}" for v in norm(prior)) + " |"]
+    for m in molere.METHODS:
+        ws = [norm(r["weight_by_class"]) for r in rows if r["method"] == m and r.get("weight_by_class")
+              and None not in r["weight_by_class"]]
+        if ws:
+            lines.append(f"| {report.method_label(m)} | " +
+                         " | ".join(f"{statistics.mean(w[c] for w in ws):.2f}" for c in range(len(counts))) + " |")
+    return "\n".join(lines)
+
+
+def early_stopping_table(rows):
+    """Every run with a fixed meta set: the first epoch of highest meta-set accuracy, that
+    accuracy, and the test accuracy there, beside the test accuracy at the end."""
+    rows = [r for r in rows if "best_meta_epoch" in r]
+    if not rows:
+        return None
+    head = ["method", "n", "best meta-set epoch by seed", "meta-set accuracy there (%)", "test accuracy there (%)",
+            "test accuracy at the end (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in molere.METHODS:
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
+        if rs:
+            cell = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}"
+            lines.append(f"| {report.method_label(m)} | {len(rs)} | {', '.join(str(r['best_meta_epoch']) for r in rs)} | "
+                         f"{cell([r['best_meta_acc'] for r in rs])} | {cell([r['test_acc_best_meta'] for r in rs])} | "
+                         f"{cell([r['test_acc'] for r in rs])} |")
+    return "\n".join(lines)
+
+
 def describe(diffs):
     p = t_test_p(diffs)
     signs = f"{sum(d > 0 for d in diffs)}+ / {sum(d < 0 for d in diffs)}−"
@@ -517,6 +668,10 @@ def main():
            f"{min(r['date'] for r in rows)} and {max(r['date'] for r in rows)}."]
     sections = [("(a) accuracy", accuracy_table(rows)),
                 ("(b) paired comparisons", comparison_table(rows)),
+                ("(b) the study's question (RESULTS.md section 9): one family, Holm-adjusted", family_tables(rows)),
+                ("(b) subpopulations: majority and minority (the hard-samples known answer)", subpopulation_table(rows)),
+                ("(b) class skew: many-, medium- and few-shot classes, and the learned weight per class", shot_table(rows)),
+                ("(b) early stopping on the meta set", early_stopping_table(rows)),
                 ("(c) regime check and meta-level diagnostics", regime_table(rows)),
                 ("(c) the meta level, per method and seed (METHOD.md §8)", meta_level_table(rows)),
                 ("(c) MOLERE's re-splits", resplit_table(rows)),
