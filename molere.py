@@ -446,11 +446,14 @@ def splitter_regularizers(logit, y, delta, classes):
     return r_size, kl(prior, in_val) + kl(prior, in_train)
 
 
-def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda_bal):
-    """METHOD.md §2, all four terms on one batch:
-       fit - l_val + lambda_size * R_size + lambda_bal * R_bal   (see the two functions above)"""
-    fit, l_val = splitter_game_terms(logit, correct, losses)
-    r_size, r_bal = splitter_regularizers(logit, y, delta, classes)
+def splitter_loss(logit, correct, losses, y, delta, classes, lambda_size, lambda_bal, game=slice(None),
+                  reg=slice(None)):
+    """METHOD.md §2, the splitter's objective (E9), all four terms:
+       fit - l_val + lambda_size * R_size + lambda_bal * R_bal   (see the two functions above)
+    with the game terms on the batch's `game` part and the regularizers on its `reg` part (the
+    run: S_val images and images of all S; by default both are the whole batch)."""
+    fit, l_val = splitter_game_terms(logit[game], correct[game], losses[game])
+    r_size, r_bal = splitter_regularizers(logit[reg], y[reg], delta, classes)
     loss = fit - l_val + lambda_size * r_size + lambda_bal * r_bal
     return loss, dict(fit=fit.detach(), l_val=l_val.detach(), r_size=r_size.detach(), r_bal=r_bal.detach())
 
@@ -771,16 +774,13 @@ def splitter_step(run, data, cfg, stats, val_idx):
         game, reg = slice(None, n_val), slice(n_val, None)
     y = data.y[idx]
     logits, h = predict(run.fwd, data, data.x[idx], chunk=B)
-    logit = run.splitter(h, y)
-    fit, l_val = splitter_game_terms(logit[game], logits[game].argmax(1) == y[game],
-                                     F.cross_entropy(logits[game], y[game], reduction="none"))
-    r_size, r_bal = splitter_regularizers(logit[reg], y[reg], cfg.delta, data.classes)
-    loss = fit - l_val + cfg.lambda_size * r_size + cfg.lambda_bal * r_bal
+    loss, terms = splitter_loss(run.splitter(h, y), logits.argmax(1) == y, F.cross_entropy(logits, y, reduction="none"),
+                                y, cfg.delta, data.classes, cfg.lambda_size, cfg.lambda_bal, game, reg)
     run.opt_split.zero_grad(set_to_none=True)
     loss.backward()
     run.opt_split.step()
-    for name, value in dict(fit=fit, l_val=l_val, r_size=r_size, r_bal=r_bal).items():
-        stats[f"split_{name}"].append(value.detach())
+    for name, value in terms.items():
+        stats[f"split_{name}"].append(value)
 
 
 def epoch_batches(run, cfg):
