@@ -18,10 +18,11 @@ meta-gradient (METHOD.md §7's weight_grad_fast / weight_grad_reference), the st
 training step, the splits, the MOLERE loop (`train`). Beside it: the pool S and the test split
 (subset, class skew, label noise, clean meta set) in molere_data.py; the command line, the plan,
 checkpoints and result records in molere_cli.py; files and config checks in molere_io.py; the
-results table in report.py; the fused weighted cross-entropy in kernels/. Equation ->
+results table in molere_report.py; the fused weighted cross-entropy in kernels/. Equation ->
 function: README.md, "Where each equation lives".
 """
 import contextlib
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -35,8 +36,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import weighted_cross_entropy
-from molere_io import Compiled, ConfigError, config_problem, load_torchvision
+try:  # installed (pip install -e .): the kernel package is molere_kernels; in a checkout, kernels/
+    from molere_kernels import weighted_cross_entropy
+except ImportError:
+    from kernels import weighted_cross_entropy
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -159,6 +162,7 @@ class Config:
             if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        from molere_io import ConfigError, config_problem  # the checks need torchvision: imported when used
         bad = config_problem(self)  # the first value no run can use, as one line
         if bad:
             raise ConfigError(bad)
@@ -312,6 +316,7 @@ class Torchvision(nn.Module):
         super().__init__()
         heads = [(n, m) for n, m in body.named_modules() if isinstance(m, nn.Linear)]
         if not heads:
+            from molere_io import ConfigError
             raise ConfigError(f"--arch tv:{type(body).__name__} has no Linear head to replace")
         name, head = heads[-1]
         parent = body.get_submodule(name.rpartition(".")[0])
@@ -329,6 +334,7 @@ def make_model(cfg, classes):
         return ResNet32(classes)
     if cfg.arch.startswith("tv:"):
         size = cfg.image_size if cfg.dataset.startswith("folder:") else 32  # CIFAR: 32 x 32
+        from molere_io import load_torchvision
         return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, size), classes)
     return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
 
@@ -531,7 +537,7 @@ def normalised(w, weight_norm):
 def fast_path(losses, loss_jvp):
     """METHOD.md §7's fast path over the two calls it spends its time in, the per-sample
     losses and their JVP: eager (`weight_grad_fast`) or through torch.compile
-    (`weight_grad_compiled`, --compile; see molere_io.Compiled)."""
+    (`compiled_fast_path`, --compile). `parts` holds the two."""
 
     def weight_grad_fast(model, x, y, grads, xv, yv, alpha, rng):
         """The core of every look-ahead reweighting method (METHOD.md §7), fast path: returns
@@ -557,12 +563,19 @@ def fast_path(losses, loss_jvp):
             _, a = loss_jvp(model, params, dict(zip(params, v)), x, y)
         return world_mean(loss_val.detach()), -alpha * a / (len(y) * world())
 
+    weight_grad_fast.parts = losses, loss_jvp
     return weight_grad_fast
 
 
-compiled_losses, compiled_loss_jvp = Compiled(per_sample_losses), Compiled(loss_jvp)
 weight_grad_fast = fast_path(per_sample_losses, loss_jvp)
-weight_grad_compiled = fast_path(compiled_losses, compiled_loss_jvp)
+
+
+@functools.cache
+def compiled_fast_path():
+    """--compile: the fast path with both of its calls through torch.compile, built once per
+    process on first use (molere_io.Compiled: eager, after one line, where it cannot compile)."""
+    from molere_io import Compiled
+    return fast_path(Compiled(per_sample_losses), Compiled(loss_jvp))
 
 
 def weight_grad_reference(model, x, y, w, xv, yv, alpha, rng):
@@ -628,7 +641,7 @@ class Run:
         self.net = self.model if world() == 1 else nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.fwd = torch.compile(self.net) if compile else self.net  # plain steps, evaluation: no replay
-        self.weight_grad = weight_grad_compiled if compile else weight_grad_fast  # the look-ahead and JVP
+        self.weight_grad = compiled_fast_path() if compile else weight_grad_fast  # the look-ahead and JVP
         feats = self.model.features
         self.spec = METHODS[method]
         extra = int(cfg.meta_input == "features+loss")  # the loss as one more input column

@@ -25,7 +25,7 @@ from molere_data import load_data
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
                        make_writable_folder, read_checkpoint, read_results, run_lock, source_version,
                        write_checkpoint)
-from report import auc, report_table
+from molere_report import auc, report_table
 
 
 @dataclass(frozen=True)

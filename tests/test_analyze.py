@@ -7,7 +7,7 @@ import torch
 
 import molere_cli
 import molere_io
-import report
+import molere_report as report
 from tools import analyze
 
 

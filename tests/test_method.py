@@ -83,9 +83,10 @@ def test_compiled_fast_meta_grad_equals_reference_in_float32_with_dropout(device
     grads = classifier_grads(model, meta, x, y, h, rng, "batch")
     state = molere.rng_state(dev)
     fast_val, fast = meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, "batch",
-                                    weight_grad=molere.weight_grad_compiled)
-    assert molere.compiled_loss_jvp.compiled not in (None, molere.loss_jvp)  # really compiled, no fallback
-    assert molere.compiled_losses.compiled not in (None, molere.per_sample_losses)
+                                    weight_grad=molere.compiled_fast_path())
+    losses, loss_jvp = molere.compiled_fast_path().parts
+    assert loss_jvp.compiled not in (None, molere.loss_jvp)  # really compiled, no fallback
+    assert losses.compiled not in (None, molere.per_sample_losses)
     assert "warning" not in capsys.readouterr().err
     set_rng(state)  # the validation forward draws the same masks in both paths
     ref_val, ref = meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, "batch")
@@ -98,7 +99,7 @@ def test_compiled_fast_meta_grad_equals_reference_in_float32_with_dropout(device
     other = molere.rng_state(dev)
     set_rng(state)
     assert error(meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, other, "batch",
-                                weight_grad=molere.weight_grad_compiled)[1]) > 1e-2
+                                weight_grad=molere.compiled_fast_path())[1]) > 1e-2
 
 
 def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import molere
 import molere_data
 import molere_io
-import report
+import molere_report as report
 from kernels import weighted_cross_entropy
 from helpers import ROOT, TINY, SmoothNet, fresh_seed, run_main, small_run
 
@@ -224,11 +224,16 @@ def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):
     assert rows["mwn"]["log"][-1]["dphi"] > 0
 
 
-def readme_example():
-    """The README's example block, executed as it stands (not a copy of it)."""
+def readme_code(name=""):
+    """The code of the README's example block `name` ("" the meta-gradient one, "splitter")."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    code = text.split("<!-- example -->", 1)[1].split("<!-- /example -->", 1)[0]
-    code = code.split("```python", 1)[1].split("```", 1)[0]
+    code = text.split(f"<!-- example{' ' + name if name else ''} -->", 1)[1].split("<!-- /example -->", 1)[0]
+    return code.split("```python", 1)[1].split("```", 1)[0]
+
+
+def readme_example(name=""):
+    """The README's example block, executed as it stands (not a copy of it)."""
+    code = readme_code(name)
     scope = {}
     exec(compile(code, "README.md example", "exec"), scope)
     return scope
@@ -259,3 +264,79 @@ def test_readme_example_runs_and_its_meta_step_is_exact_on_a_torchvision_resnet1
     before = [p.detach().clone() for p in model.parameters()]
     ex["l2rw_step"](model, opt, x, y, xv, yv)
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class FeatureNet(torch.nn.Module):
+    """A small classifier returning (logits, features), as the splitter example needs."""
+
+    def __init__(self, classes, features=6):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, features, 3, padding=1), torch.nn.BatchNorm2d(features),
+                                        torch.nn.Softplus())
+        self.head = torch.nn.Linear(features, classes)
+
+    def forward(self, x):
+        h = self.body(x).mean((2, 3))
+        return self.head(h), h
+
+
+def splitter_objective_by_hand(logit, correct, losses, y, delta, classes, lambda_size, lambda_bal):
+    """METHOD.md E9 written out in float64 from its definitions, sharing no code with molere."""
+    logit, losses = logit.double(), losses.double()
+    p = 1 / (1 + torch.exp(-logit))
+    c = correct.double()
+    fit = -(c * torch.log(1 - p) + (1 - c) * torch.log(p)).mean()  # CE(P(train), 1[right])
+    l_val = (p * losses).sum() / p.sum()
+    m = p.mean()
+    r_size = delta * math.log(delta) - delta * torch.log(m) + (1 - delta) * math.log(1 - delta) - \
+        (1 - delta) * torch.log(1 - m)
+    r_bal = 0
+    for k in range(classes):
+        prior = float((y == k).double().mean())
+        if prior > 0:
+            in_val = p[y == k].sum() / p.sum()
+            in_train = (1 - p)[y == k].sum() / (1 - p).sum()
+            r_bal = r_bal + prior * (math.log(prior) - torch.log(in_val)) + prior * (math.log(prior) - torch.log(in_train))
+    return fit - l_val + lambda_size * r_size + lambda_bal * r_bal
+
+
+def test_readme_splitter_example_is_the_objective_and_the_hard_split():
+    """The README's splitter block: its update with SGD(lr 1) moves Theta by exactly minus the
+    gradient of the objective computed by hand (float64), leaves the classifier alone, and its
+    split is per class the round(delta n_c) highest P(val)."""
+    fresh_seed()
+    ex = readme_example("splitter")
+    classes, delta, n = 4, 0.25, 40
+    model = FeatureNet(classes).double()
+    splitter = ex["make_splitter"](6, classes, delta, hidden=8).double()
+    with torch.no_grad():  # away from the start so every term has a gradient
+        for q in splitter.parameters():
+            q.add_(torch.randn_like(q) * 0.3)
+    x, y = torch.randn(n, 3, 8, 8, dtype=torch.float64), torch.randint(0, classes, (n,))
+    y[:classes] = torch.arange(classes)  # every class present
+    theta = [q.detach().clone() for q in splitter.parameters()]
+    model_before = copy.deepcopy(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        logits, h = model(x)
+    model.train()
+    ref = splitter_objective_by_hand(splitter(h, y), logits.argmax(1) == y,
+                                     torch.nn.functional.cross_entropy(logits, y, reduction="none"), y, delta, classes,
+                                     0.7, 1.3)
+    grads = torch.autograd.grad(ref, list(splitter.parameters()))
+    terms = ex["splitter_update"](splitter, torch.optim.SGD(splitter.parameters(), lr=1.0), model, x, y, delta,
+                                  classes, 0.7, 1.3)
+    for q, before, g in zip(splitter.parameters(), theta, grads):  # log(1 - p) by hand, logsigmoid in torch
+        torch.testing.assert_close(q.detach() - before, -g, rtol=1e-5, atol=1e-8)
+    assert sum(float(g.abs().sum()) for g in grads) > 1e-6 and set(terms) == {"fit", "l_val", "r_size", "r_bal"}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in model_before.items())  # only read
+    assert model.training
+    mask = ex["hard_split"](splitter, model, x, y, delta, classes)
+    model.eval()
+    with torch.no_grad():
+        score = torch.sigmoid(splitter(model(x)[1], y))
+    for k in range(classes):
+        members = (y == k).nonzero().squeeze(1)
+        want = min(max(1, round(delta * len(members))), len(members) - 1)
+        top = members[score[members].argsort(descending=True)[:want]]
+        assert int(mask[members].sum()) == want and bool(mask[top].all())

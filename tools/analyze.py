@@ -34,7 +34,7 @@ import torch
 import molere
 import molere_cli
 import molere_io
-import report
+import molere_report as report
 
 BINS = [-1.0, -0.5, 0.0, 0.5, 1.0001]
 

@@ -26,7 +26,7 @@ import torch
 
 import molere
 import molere_cli
-import report
+import molere_report as report
 
 NETS = {"[h, y]": ("lrw-random", "features"), "[h, y, loss]": ("lrw-random", "features+loss"),
         "loss (MW-Net)": ("mwn", "features")}

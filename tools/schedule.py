@@ -27,7 +27,7 @@ import torch
 import molere
 import molere_cli
 import molere_io
-import report
+import molere_report as report
 
 def jobs_of(args, cfg):
     """(method, seed) runs still to do, in plan order; a seed's ERM added where a train-twice
