@@ -198,3 +198,21 @@ def test_family_tables_and_subpopulations_follow_the_records():
     assert f"{analyze.holm(ps)[0]:.3f}" in line and f"{statistics.mean(d):+.2f}" in line
     table = analyze.subpopulation_table(rows)
     assert "| lrw-hard | 3 | 82.00 ± 0.00 |" in table and "| 25.00 ± 0.00 | 0.70 ± 0.00 |" in table  # 1 of S_val's 4 is minority
+
+
+def test_unfinished_runs_are_read_from_the_metrics_file(tmp_path):
+    line = lambda m, seed, epoch, loss, h="abc": dict(method=m, seed=seed, epoch=epoch, loss=loss, config_hash=h)
+    metrics = [line("erm", 0, 1, 2.0), line("erm", 0, 2, 1.5),  # finished: its record exists
+               line("molere", 0, 1, 2.2), line("molere", 0, 2, 1.9),
+               line("molere", 0, 2, 1.8),  # resumed from epoch 1's checkpoint: epoch 2 again, the last line wins
+               dict(line("molere", 1, 1, 2.4), test_acc=31.5, w_auc=0.61),
+               line("mwn", 0, 1, 9.9, h="old")]  # another config
+    for name, lines in (("metrics.jsonl", metrics), ("results.jsonl", [dict(method="erm", seed=0, config_hash="abc")])):
+        for entry in lines:
+            molere_io.append_result(str(tmp_path / name), entry)
+    runs = analyze.unfinished_runs(str(tmp_path / "results.jsonl"), "abc")
+    assert list(runs) == [("molere", 0), ("molere", 1)]
+    assert [e["loss"] for e in runs[("molere", 0)]] == [2.2, 1.8]
+    table = analyze.unfinished_table(runs, 40)
+    assert "| molere | 0 | 2 of 40 | 1.800 | — | — |" in table
+    assert "| molere | 1 | 1 of 40 | 2.400 | 31.50 (epoch 1) | 0.61 |" in table

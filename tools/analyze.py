@@ -10,10 +10,16 @@ Reads the newest config in the file and prints markdown, in this order (METHOD.m
 (c) the regime check (training accuracy on S, eval mode) and the meta-level diagnostics;
 (d) the margin analysis: paired test-margin differences method - ERM, binned by ERM margin,
     beside ERM of one seed against ERM of another (what regression to the mean alone gives);
-(e) wall time per run, from the records.
+(e) wall time per run, from the records;
+(f) the runs still going: their last epoch's numbers, read from the metrics.jsonl beside the
+    records (one line per epoch, written as a run goes), so a study can be read before it ends.
+Where the study asks one question (RESULTS.md section 9), (b) adds that family of comparisons,
+Holm-adjusted, with 95% intervals and minimum detectable effects; and the tables a setting
+calls for: subpopulations (--dataset spurious), many/medium/few-shot classes (class skew),
+early stopping on the meta set (a fixed meta set).
 With --figures, also writes gain_over_erm.png, margin_gain.png, weight_vs_margin.png,
 weights_noisy_clean.png, meta_level.png (under --noise: weights' AUC, saturation and flipped
-labels fitted, by epoch) and learning_curves.png (figures need matplotlib, which requirements.txt installs; without it the
+labels fitted, by epoch), learning_curves.png and, while runs are unfinished, progress.png (figures need matplotlib, which requirements.txt installs; without it the
 tables are still printed).
 With --into RESULTS.md, the markdown replaces the block between the lines
 `<!-- analyze RESULTS_PATH -->` and `<!-- /analyze -->` of that file, so the tables there are
@@ -537,6 +543,66 @@ def noise_table(weights):
     return "\n".join(lines)
 
 
+def unfinished_runs(results_path, config_hash=None):
+    """The runs of a study still going (or stopped before their record), from the per-epoch
+    lines in the metrics.jsonl beside `results_path` (molere_cli.fit appends one per epoch,
+    flushed): {(method, seed): [log entries by epoch]} for every run of the config (the newest
+    in the file without one) that has no result record. An epoch written twice (a run resumed
+    from an earlier checkpoint) keeps its last line."""
+    path = os.path.join(os.path.dirname(results_path), "metrics.jsonl")
+    lines = molere_io.read_results(path)
+    if not lines:
+        return {}
+    config_hash = config_hash or lines[-1]["config_hash"]
+    done = {(r["method"], r["seed"]) for r in molere_io.read_results(results_path, config_hash)}
+    runs = {}
+    for e in lines:
+        if e["config_hash"] == config_hash and (e["method"], e["seed"]) not in done:
+            runs.setdefault((e["method"], e["seed"]), {})[e["epoch"]] = e
+    return {k: [by_epoch[ep] for ep in sorted(by_epoch)] for k, by_epoch in sorted(runs.items())}
+
+
+def unfinished_table(runs, epochs):
+    """One row per unfinished run: epochs done, and the last numbers it wrote."""
+    if not runs:
+        return None
+    head = ["method", "seed", "epochs done", "last loss", "last test acc (%)", "last weights' AUC"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (m, seed), log in runs.items():
+        tested = [e for e in log if e.get("test_acc") is not None]
+        test = f"{tested[-1]['test_acc']:.2f} (epoch {tested[-1]['epoch']})" if tested else "—"
+        auc_ = next((f"{log[-1][k]:.2f}" for k in ("w_auc", "w_auc_minority") if log[-1].get(k) is not None), "—")
+        lines.append(f"| {report.method_label(m)} | {seed} | {log[-1]['epoch']} of {epochs or '?'} | "
+                     f"{log[-1]['loss']:.3f} | {test} | {auc_} |")
+    return "\n".join(lines)
+
+
+def progress_figure(rows, runs, folder):
+    """progress.png: the training loss by epoch of every run, finished (solid, from its record)
+    and unfinished (dashed, from metrics.jsonl), one colour per method."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    colour = {m: f"C{i}" for i, m in enumerate(molere.METHODS)}
+    labelled = set()
+    for (m, _), log, style in [((r["method"], r["seed"]), r["log"], "-") for r in rows] + \
+            [(k, log, "--") for k, log in runs.items()]:
+        ax.plot([e["epoch"] for e in log], [e["loss"] for e in log], style, color=colour[m], lw=1,
+                label=None if m in labelled else report.method_label(m))
+        labelled.add(m)
+    ax.set_xlabel("epoch (solid: finished; dashed: still going)")
+    ax.set_ylabel("training loss (unweighted, batch mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(os.path.join(folder, "progress.png"), dpi=120)
+    return "progress.png"
+
+
 def figures(rows, gains, curves, folder):
     try:
         import matplotlib
@@ -658,8 +724,14 @@ def main():
         p.error("several results files only with --compare")
     a.results = a.results[0]
     rows = molere_io.read_results(a.results)
-    if not rows:
-        raise SystemExit(f"analyze: error: no results in {a.results}")
+    runs = unfinished_runs(a.results, rows[-1]["config_hash"] if rows else None)
+    if not rows:  # a study that has started: what its runs have done so far
+        if not runs:
+            raise SystemExit(f"analyze: error: no results in {a.results} and no metrics.jsonl beside it")
+        print(f"No finished run yet in `{a.results}`; from its metrics.jsonl:\n\n{unfinished_table(runs, None)}")
+        if a.figures:
+            print(f"\nfigures in {a.figures}: {progress_figure([], runs, a.figures)}")
+        return
     rows = [r for r in rows if r["config_hash"] == rows[-1]["config_hash"]]
     gains, curves = paired_margin_gains(rows), weight_vs_margin(rows)
     r0 = rows[0]
@@ -680,7 +752,9 @@ def main():
                 ("(d) learned weight against the ERM margin of the same training image", weight_table(curves)),
                 ("(d) learned weights of training images with flipped and with clean labels",
                  noise_table(noisy_clean_weights(rows))),
-                ("(e) wall time", time_table(rows))]
+                ("(e) wall time", time_table(rows)),
+                ("(f) runs still going (from metrics.jsonl; not in the tables above)",
+                 unfinished_table(runs, r0["config"].get("epochs")))]
     if a.held_out:
         sections.insert(2, (f"(b) held-out S_val accuracy against `{a.held_out}`",
                             heldout_table(rows, molere_io.read_results(a.held_out))))
@@ -697,6 +771,8 @@ def main():
             f.write(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
     if a.figures:
         figures(rows, gains, curves, a.figures)
+        if runs:
+            print(f"figures in {a.figures}: {progress_figure(rows, runs, a.figures)}")
 
 
 if __name__ == "__main__":
