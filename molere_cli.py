@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,12 @@ from molere_io import (ConfigError, UserError, append_result, device_name, has_c
 from molere_report import auc, report_table
 
 
+try:  # optional (--tensorboard): TensorBoard's event-file writer, where the tensorboard package is installed
+    from torch.utils.tensorboard import SummaryWriter as tensorboard_writer
+except ImportError:
+    tensorboard_writer = None
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how runs execute; none of it changes a run's numbers."""
@@ -36,6 +43,7 @@ class Runtime:
     resume: bool = False     # continue runs from their checkpoints, skip finished ones
     compile: bool = False    # torch.compile the classifier's steps, evaluation and the fast meta step
     eval_every: int = 1      # test accuracy in the log every N epochs (0: only at the end)
+    tensorboard: bool = False  # also TensorBoard event files, OUT/tensorboard/METHOD-seedN
 
 # Config fields added after results were recorded, with the value every earlier run had: left out
 # of a run's identity at that value (what a record without the key means), so earlier records and
@@ -146,6 +154,8 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
     else:
         run.val_mask = val_mask
     last = dict(start=time.time(), test=None)
+    board = tensorboard_writer(os.path.join(rt.out, "tensorboard", f"{method}-seed{seed}")) \
+        if rt.tensorboard and rank() == 0 else None
 
     def on_epoch(run, entry, seen):
         entry.update(epoch_diagnostics(run, data, seen))
@@ -164,6 +174,11 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
             # the same numbers as the progress line, one strict-JSON line per epoch, while the run goes
             append_result(os.path.join(rt.out, "metrics.jsonl"),
                           dict(method=method, seed=seed, config_hash=config_hash(cfg), **entry))
+        if board is not None:  # the same numbers, by epoch
+            for name, value in entry.items():
+                if isinstance(value, (int, float)) and math.isfinite(value) and name != "epoch":
+                    board.add_scalar(name, value, run.epoch)
+            board.flush()
         if budget is not None:
             budget.tick()
         plan_eta = budget.plan_eta() if budget is not None else None
@@ -174,6 +189,8 @@ def fit(cfg, rt, method, seed, data, val_mask, budget=None):
         last["start"] = time.time()
 
     train(run, data, cfg, on_epoch, StepProgress(tag, run, cfg))
+    if board is not None:
+        board.close()
     if last["test"] is None:  # resumed from a checkpoint of the last epoch
         last["test"], _ = predict(run.fwd, data, data.x_test)
     return run, result_record(run, data, cfg, rt, last["test"])
@@ -364,6 +381,8 @@ def build_parser():
     a("--resume", action="store_true", help="continue runs from their checkpoints and skip finished ones (without "
       "this flag an existing checkpoint stops the command)")
     a("--eval-every", type=int, default=1, help="test accuracy in the log every N epochs (0: only at the end)")
+    a("--tensorboard", action="store_true", help="also write each epoch's numbers (those of OUT/metrics.jsonl) as "
+      "TensorBoard event files in OUT/tensorboard/METHOD-seedN; needs the tensorboard package")
     a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--workers", type=int, default=4, help="--dataset folder:PATH: DataLoader processes that read images "
@@ -516,7 +535,10 @@ def setup(argv=None):
             torch.set_num_threads(args.threads)
         device = join_torchrun(args, cfg) or torch.device(args.device if args.device != "auto" else
                                                           ("cuda" if torch.cuda.is_available() else "cpu"))
-        rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every)
+        if args.tensorboard and tensorboard_writer is None:
+            raise ConfigError("--tensorboard needs the tensorboard package, which requirements.txt leaves out: "
+                              "pip install tensorboard (or leave the flag off: OUT/metrics.jsonl has the same numbers)")
+        rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every, args.tensorboard)
         if args.report:
             return args, cfg, rt, None
         if cfg.weights:  # a file that does not fit the model: refused now, not at the first run

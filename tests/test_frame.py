@@ -524,3 +524,37 @@ def test_a_scheduler_worker_killed_mid_run_is_reported_and_resumed(tmp_path, cap
     assert "1 runs on 2 CPU worker(s); 1 finished earlier" in text and "[lrw-random seed 0] resumed from" in text
     rows = molere_io.read_results(str(out / "results.jsonl"))
     assert sorted(r["method"] for r in rows) == ["erm", "lrw-random"]
+
+
+def test_tensorboard_gets_the_metrics_files_numbers_or_one_line_without_the_package(tmp_path, capsys, monkeypatch):
+    written = {}
+
+    class Writer:  # torch.utils.tensorboard.SummaryWriter's calls, recorded
+        def __init__(self, log_dir):
+            self.log = written.setdefault(log_dir, {"closed": False, "scalars": []})
+
+        def add_scalar(self, tag, value, step):
+            self.log["scalars"].append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            self.log["closed"] = True
+
+    monkeypatch.setattr(molere_cli, "tensorboard_writer", Writer)
+    out = tmp_path / "out"
+    run_main(["--dataset", "synthetic", "--train-subset", "100", "--method", "mwn", "--epochs", "2",
+              "--noise", "uniform:0.3", "--meta-set", "clean:20", "--delta", "0.2", "--tensorboard", "--out", str(out)] + TINY,
+             capsys)
+    metrics = molere_io.read_results(str(out / "metrics.jsonl"))
+    log = written[str(out / "tensorboard" / "mwn-seed0")]
+    want = [(k, v, e["epoch"]) for e in metrics for k, v in e.items()
+            if isinstance(v, (int, float)) and k not in ("epoch", "seed")]
+    assert log["closed"] and sorted(log["scalars"]) == sorted(want)
+    assert {"loss", "w_auc", "meta_acc", "test_acc"} <= {k for k, _, _ in want}
+    monkeypatch.setattr(molere_cli, "tensorboard_writer", None)
+    with pytest.raises(SystemExit) as e:
+        run_main(["--dataset", "synthetic", "--tensorboard", "--out", str(tmp_path / "x")], capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "pip install tensorboard" in err
