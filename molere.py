@@ -497,13 +497,18 @@ def rng_state(device):
     return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
+def set_rng(state, device):
+    """Put the RNG back as `rng_state` took it (a replay; a resumed run)."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
 @contextlib.contextmanager
 def replay_rng(state, device):
     """Run a block with the RNG as it was at `state` (same dropout masks), then restore."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
+        set_rng(state, device)
         yield
 
 
@@ -704,8 +709,8 @@ def classifier_step(run, data, cfg, idx, stats, meta_next=False):
     else:
         with torch.no_grad():
             w = instance_weights(run.meta, h, y, "none")
-    fit = weighted_backward(run, logits, y, normalised(w, cfg.weight_norm), w, stats)
-    return (x, y, h, rng), w, fit
+    fitted = weighted_backward(run, logits, y, normalised(w, cfg.weight_norm), w, stats)
+    return (x, y, h, rng), w, fitted
 
 
 def batch_stats(stats, run, w, losses):
@@ -763,9 +768,9 @@ def l2rw_step(run, data, cfg, idx, val_idx, stats):
         alpha = run.opt.param_groups[0]["lr"]
         loss_val, w = l2rw_weights(run.model, x, y, xv, yv, alpha, rng, run.weight_grad)
     w = w * len(y) * world()  # w~ with mean 1 over the batch: mean_i w~_i l_i = sum_i w_i l_i
-    fit = weighted_backward(run, logits, y, w, w, stats)
+    fitted = weighted_backward(run, logits, y, w, w, stats)
     stats["val_loss"].append(loss_val.float())
-    return bool(world_sum(w.sum()) > 0), w, fit  # one host sync a step: a baseline's price
+    return bool(world_sum(w.sum()) > 0), w, fitted  # one host sync a step: a baseline's price
 
 
 def splitter_step(run, data, cfg, stats, val_idx):
@@ -814,22 +819,22 @@ def train_steps(run, data, cfg, batches, on_step=None):
     stats = defaultdict(list)
     run.model.train()
     seen = dict(w=torch.full((len(data.y),), float("nan"), device=run.device),
-                fit=torch.zeros(len(data.y), dtype=torch.bool, device=run.device),
+                fitted=torch.zeros(len(data.y), dtype=torch.bool, device=run.device),
                 phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone())
     for done, idx in enumerate(batches, 1):
         update = True
         if run.spec.weights == "l2rw":
-            update, w, fit = l2rw_step(run, data, cfg, idx, val_idx, stats)
+            update, w, fitted = l2rw_step(run, data, cfg, idx, val_idx, stats)
         else:
             meta_now = run.reweights and run.step % run.K == 0
-            batch, w, fit = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
+            batch, w, fitted = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
             if meta_now:
                 meta_step(run, data, cfg, batch, val_idx, stats)
                 if run.spec.split == "splitter":
                     splitter_step(run, data, cfg, stats, val_idx)
         if update:
             run.opt.step()
-        seen["w"][idx], seen["fit"][idx] = w.float(), fit
+        seen["w"][idx], seen["fitted"][idx] = w.float(), fitted
         run.step += 1
         if on_step is not None:  # the frame's progress line inside an epoch: steps done, of, losses
             on_step(done, len(batches), stats["loss"])

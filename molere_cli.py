@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
-                    margins, meta_input, per_class_topk, predict, rank, rng_state, train, world)
+                    margins, meta_input, per_class_topk, predict, rank, rng_state, set_rng, train, world)
 from molere_data import load_data
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
                        make_writable_folder, read_checkpoint, read_results, run_lock, source_version,
@@ -91,9 +91,7 @@ def restore(run, ckpt):
         getattr(run, k).load_state_dict(ckpt[k])
     run.epoch, run.step, run.elapsed, run.log = ckpt["epoch"], ckpt["step"], ckpt["elapsed"], ckpt["log"]
     run.val_mask = ckpt["val_mask"].to(run.device)
-    torch.set_rng_state(ckpt["rng"][0])
-    if ckpt["rng"][1] is not None and run.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"][1], run.device)
+    set_rng(ckpt["rng"], run.device)
 
 
 class StopAfter(Exception):
@@ -138,7 +136,7 @@ def lock(path, **how):
     return run_lock(path, **how) if rank() == 0 else contextlib.nullcontext(True)
 
 
-def fit(cfg, rt, method, seed, data, val_mask, budget=None):
+def train_run(cfg, rt, method, seed, data, val_mask, budget=None):
     """Train one (method, seed) to the end with molere.train, from its checkpoint where --resume
     finds one, else from `val_mask` (molere.initial_split); after every epoch the test accuracy
     (every --eval-every epochs and at the end), a checkpoint, a line in OUT/metrics.jsonl, a
@@ -259,7 +257,7 @@ def epoch_diagnostics(run, data, seen):
     fit_flipped, fit_clean  share of flipped / clean labels the batches predicted (under --noise)"""
     if not run.reweights and data.noisy is None and data.minority is None:
         return {}
-    w, fits = seen["w"], seen["fit"]
+    w, fits = seen["w"], seen["fitted"]
     batched = ~torch.isnan(w)  # S_tr: the images the epoch's batches held
     out = {}
     if run.reweights:
@@ -462,7 +460,7 @@ def finished_erm(cfg, rt, seed, data, budget):
             run = Run(cfg, "erm", seed, data, rt.device)
             run.model.load_state_dict((ckpt or read_checkpoint(path, config_record(cfg)))["model"])
             return run.model, None
-        run, result = fit(cfg, replace(rt, resume=True), "erm", seed, data,  # continue a partial one
+        run, result = train_run(cfg, replace(rt, resume=True), "erm", seed, data,  # continue a partial one
                           initial_split("erm", data, cfg.delta, seed), budget)
         return run.model, result
 
@@ -493,7 +491,7 @@ def run_plan(cfg, rt, plan, seeds, data, budget):
                     print(f"[{method} seed {seed}] trained by another process{' (finished)' if busy and mine else ''};"
                           f" skipped here, rerun with --resume to continue or report it", flush=True)
                     continue
-                run, result = fit(cfg, rt, method, seed, data, val_mask, budget)
+                run, result = train_run(cfg, rt, method, seed, data, val_mask, budget)
                 if rank() == 0:
                     append_result(results_path, result)
                     with contextlib.suppress(FileNotFoundError):  # the record is written: the spare goes

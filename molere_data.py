@@ -324,7 +324,7 @@ class Data:
 def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
     """A short hash of each part of the data a run depends on, by name: images (array bytes, or a
     folder's file list with sizes), labels, the noise draw, the test set, the meta set. A
-    checkpoint keeps it; --resume refuses a run whose data changed (molere_cli.fit)."""
+    checkpoint keeps it; --resume refuses a run whose data changed (molere_cli.train_run)."""
     def h(*parts):
         d = hashlib.sha1()
         for p in parts:

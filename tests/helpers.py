@@ -2,6 +2,7 @@
 written out two ways (the chain rule through METHOD.md §7's g, as `molere.meta_step` applies
 it, and an independent create_graph path all the way to phi), CIFAR files in the real pickle
 layout, and small runs."""
+import contextlib
 import os
 import pickle
 
@@ -80,17 +81,24 @@ def meta_grad_fast(model, meta, x, y, h, grads, xv, yv, alpha, rng, weight_norm=
     return loss_val, torch.autograd.grad(w, list(meta.parameters()), grad_outputs=g.to(w.dtype))
 
 
-def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm="batch"):
-    """The same meta-gradient entirely the direct way, independent of `weight_grad_*`:
-    functional_call + create_graph=True, then backpropagate
-    L_val(theta - alpha * grad_theta mean_i w~_i(phi) l_i(theta)) to phi."""
+def lookahead_reference(model, weigh, x, y, xv, yv, alpha, rng=None):
+    """The look-ahead written out with create_graph: the one independent reference every test
+    of the meta-gradient compares against. Returns (L_val(theta'), G) with theta' = theta - alpha G,
+    G = grad_theta mean_i w~_i l_i(theta), w~ = weigh(l) any differentiable weighting, the
+    training forward under the dropout masks of `rng`, BatchNorm statistics on copies."""
     params = dict(model.named_parameters())
-    with molere.replay_rng(rng, x.device):
+    with molere.replay_rng(rng, x.device) if rng is not None else contextlib.nullcontext():
         losses = molere.per_sample_losses(model, params, x, y)
-    inner = (molere.instance_weights(meta, h, y, weight_norm) * losses).mean()
-    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-    theta1 = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
-    loss_val = molere.per_sample_losses(model, theta1, xv, yv).mean()
+    inner = torch.autograd.grad((weigh(losses) * losses).mean(), list(params.values()), create_graph=True)
+    theta1 = {n: p - alpha * d for (n, p), d in zip(params.items(), inner)}
+    return molere.per_sample_losses(model, theta1, xv, yv).mean(), inner
+
+
+def meta_grad_reference(model, meta, x, y, h, xv, yv, alpha, rng, weight_norm="batch"):
+    """dL_val/dphi entirely the direct way, independent of `weight_grad_*`: the create_graph
+    look-ahead with w~ = g_phi(h, y), backpropagated to phi."""
+    loss_val, _ = lookahead_reference(model, lambda losses: molere.instance_weights(meta, h, y, weight_norm),
+                                      x, y, xv, yv, alpha, rng)
     return loss_val.detach(), torch.autograd.grad(loss_val, list(meta.parameters()))
 
 

@@ -1,7 +1,6 @@
 """METHOD.md §§7 and 8: the per-sample meta-gradient g (the core every look-ahead reweighting
 method is built on), L2RW's weights, Meta-Weight-Net's optimizer and the meta-level diagnostics,
 each against an independent reference (finite differences, create_graph, pairwise counts)."""
-import contextlib
 import copy
 import math
 import os
@@ -15,25 +14,12 @@ import molere_data
 import molere_io
 import molere_report as report
 from kernels import weighted_cross_entropy
-from helpers import ROOT, TINY, SmoothNet, fresh_seed, run_main, small_run
+from helpers import ROOT, TINY, SmoothNet, fresh_seed, lookahead_reference, run_main, small_run
 
 
 def batches(classes=5, n=12, dtype=torch.float64):
     x, xv = torch.randn(n, 3, 8, 8, dtype=dtype), torch.randn(n, 3, 8, 8, dtype=dtype)
     return x, torch.randint(0, classes, (n,)), xv, torch.randint(0, classes, (n,))
-
-
-def lookahead_reference(model, weigh, x, y, xv, yv, alpha, rng=None):
-    """The look-ahead written out with create_graph, the independent reference of every test
-    here: (L_val(theta'), G) with theta' = theta - alpha G, G = grad_theta mean_i w~_i l_i(theta),
-    w~ = weigh(l) any differentiable weighting, the training forward under the masks of `rng`,
-    BatchNorm statistics on copies."""
-    params = dict(model.named_parameters())
-    with molere.replay_rng(rng, x.device) if rng is not None else contextlib.nullcontext():
-        losses = molere.per_sample_losses(model, params, x, y)
-    inner = torch.autograd.grad((weigh(losses) * losses).mean(), list(params.values()), create_graph=True)
-    theta1 = {n: p - alpha * d for (n, p), d in zip(params.items(), inner)}
-    return molere.per_sample_losses(model, theta1, xv, yv).mean(), inner
 
 
 def grads_at(model, x, y, w, rng):

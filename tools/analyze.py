@@ -545,7 +545,7 @@ def noise_table(weights):
 
 def unfinished_runs(results_path, config_hash=None):
     """The runs of a study still going (or stopped before their record), from the per-epoch
-    lines in the metrics.jsonl beside `results_path` (molere_cli.fit appends one per epoch,
+    lines in the metrics.jsonl beside `results_path` (molere_cli.train_run appends one per epoch,
     flushed): {(method, seed): [log entries by epoch]} for every run of the config (the newest
     in the file without one) that has no result record. An epoch written twice (a run resumed
     from an earlier checkpoint) keeps its last line."""
