@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
@@ -179,10 +178,28 @@ def rank():
     return dist.get_rank() if world() > 1 else 0
 
 
+class WorldSum(torch.autograd.Function):
+    """t summed over the processes; the backward sums the incoming gradients the same way, since
+    every process's sum depends on every process's t (torch.distributed.nn's all_reduce, which
+    is deprecated, did the same)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def world_mean(t):
     """t averaged over the processes, differentiably (its backward sums the gradients that
     reach it from every process); t itself in a plain run."""
-    return t if world() == 1 else dist_nn.all_reduce(t, op=dist.ReduceOp.SUM) / world()
+    return t if world() == 1 else WorldSum.apply(t) / world()
 
 
 def world_sum(t):

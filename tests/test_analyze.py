@@ -30,6 +30,7 @@ def test_paired_t_test_matches_closed_forms(n):
         assert analyze.t_test_p(diffs) == pytest.approx(closed_form_p(t, n - 1), abs=1e-7)
 
 
+@pytest.mark.slow
 def test_tables_follow_the_records(tmp_path, capsys):
     out = tmp_path / "out"
     molere_cli.main(["--dataset", "synthetic", "--train-subset", "200", "--depth", "10", "--width", "1",
@@ -56,6 +57,7 @@ def test_tables_follow_the_records(tmp_path, capsys):
     assert analyze.regime_table(rows) and analyze.resplit_table(rows)
 
 
+@pytest.mark.slow
 def test_compare_names_what_each_pilot_changes_and_reads_its_own_record(tmp_path):
     def record(method, seed, config, val_losses, aucs, acc):
         log = [dict(epoch=e + 1, val_loss=v, w_auc=a, w_sat=0.1 * e) for e, (v, a) in enumerate(zip(val_losses, aucs))]
@@ -81,6 +83,7 @@ def test_compare_names_what_each_pilot_changes_and_reads_its_own_record(tmp_path
     assert cells[1][6] == "25.0 / 50.0" and cells[1][8] == "+3.50" and cells[0][8] == "-1.00"
 
 
+@pytest.mark.slow
 def test_meta_signal_measures_each_weight_net(tmp_path, capsys, monkeypatch):
     """tools/meta_signal on a tiny noisy run: one row per weight net and epoch; with one batch
     pair the consistency ||mean d|| / mean ||d|| is exactly 1, and the AUC and alignment are
@@ -97,6 +100,7 @@ def test_meta_signal_measures_each_weight_net(tmp_path, capsys, monkeypatch):
         assert float(r[4]) == 1.0 and 0 <= float(r[2]) <= 1 and -1 <= float(r[5]) <= 1
 
 
+@pytest.mark.slow
 def test_meta_signal_measure_against_the_reference_and_a_real_step(tmp_path):
     """meta_signal.measure on a tiny noisy run: each pair's meta-gradient equals the create_graph
     reference written out in helpers (same batch, dropout masks and validation batch), and the

@@ -13,6 +13,7 @@ run; MW-Net's last AUC 0.83-0.92, flipped labels fitted 16-34%; ours peaked at A
 fitted 25-72% (its AUC at the last epoch, 0.64-0.84, falls as the classifier fits flipped labels
 late at this size, so the peak is what is asserted). A sign error in the meta step gives MW-Net
 AUC 0.28 and ours 0.48 (tried: the test fails)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +21,8 @@ import molere
 import molere_cli
 import molere_data
 from helpers import fresh_seed
+
+pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
 
 
 def control_run(method, seed, cfg, data):

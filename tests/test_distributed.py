@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +17,8 @@ import molere
 import molere_data
 import molere_io
 from helpers import ROOT, TINY
+
+pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
 
 METHODS = ["erm", "lrw-random", "molere", "mwn", "l2rw"]
 

@@ -17,6 +17,8 @@ from helpers import ROOT, fresh_seed, run_main
 from tools import toy_folder
 from tools.toy_folder import write_folder
 
+pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
+
 SIZE = 32
 
 

@@ -17,6 +17,8 @@ import molere_data
 import molere_io
 from helpers import ROOT, TINY, fresh_seed, run_main, write_cifar
 
+pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_pickle_reader(tmp_path, name):
     _, written = write_cifar(str(tmp_path), name, 20 if name == "cifar10" else 200, 30, seed=fresh_seed())

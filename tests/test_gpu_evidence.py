@@ -14,6 +14,8 @@ import molere_io
 from helpers import ROOT, write_cifar
 from tools import pack
 
+pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
+
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):

@@ -66,6 +66,7 @@ def test_l2rw_batch_with_no_agreeing_point_has_zero_weights_not_nan():
     torch.testing.assert_close(w, torch.tensor([0.25, 0.0, 0.75, 0.0, 0.0, 0.0]))
 
 
+@pytest.mark.slow
 def test_each_seed_of_a_run_has_its_own_lock(tmp_path, capsys, monkeypatch):
     """The lock that stops two processes training one run is keyed by method AND seed: two seeds
     of one method (two workers of a schedule) must not block each other."""

@@ -157,6 +157,7 @@ def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
     assert recall[3] < 0.02 and others.mean() > 0.5, recall
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lrw-random", "lrw-easy", "lrw-hard", "molere"])
 def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatch, method):
     seed = fresh_seed()

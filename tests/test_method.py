@@ -60,6 +60,7 @@ def test_fast_meta_grad_equals_reference_in_float64(dropout, weight_norm):
         torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_fast_meta_grad_equals_reference_in_float32_with_dropout(device, capsys, monkeypatch):
     """--compile: look-ahead and JVP through torch.compile (inductor), dropout 0.3. Tolerance:
@@ -102,6 +103,7 @@ def test_compiled_fast_meta_grad_equals_reference_in_float32_with_dropout(device
                                 weight_grad=molere.compiled_fast_path())[1]) > 1e-2
 
 
+@pytest.mark.slow
 def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     def broken(fn, **kw):
         def run(*a):
@@ -357,6 +359,7 @@ def test_instance_noise_depends_on_the_image():
         assert (moved != c).all() and len(moved.unique()) >= 2
 
 
+@pytest.mark.slow
 def test_a_torchvision_model_with_auxiliary_heads_trains_through_one_head():
     """tv:googlenet is built with its auxiliary classifiers off (in train mode it would return a
     tuple of three outputs): one logits tensor for our classes in train and eval mode, and the
@@ -380,6 +383,7 @@ def test_a_torchvision_model_with_auxiliary_heads_trains_through_one_head():
     torch.testing.assert_close(fast, ref, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vit"])
 def test_torchvision_backbones_keep_the_meta_gradient_exact(name):
     """--arch tv:NAME: a torchvision ResNet-18 and a (tiny) torchvision ViT behind molere.Torchvision

@@ -8,8 +8,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from helpers import ROOT
 from test_reweighting import readme_code
+
+pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
 
 OUTSIDE = textwrap.dedent('''
     import sys

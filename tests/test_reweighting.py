@@ -182,6 +182,7 @@ def test_auc_counts_pairs_with_ties_half():
     assert report.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])).item() == 1.0
 
 
+@pytest.mark.slow
 def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):
     """L2RW and MW-Net on noisy labels with a clean meta set: the clean set is their S_val, every
     epoch logs the diagnostics, and the record's fit on flipped / clean labels is what its own

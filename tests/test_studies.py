@@ -36,6 +36,7 @@ def test_an_outside_meta_set_leaves_the_long_tailed_pool_whole():
         molere_data.load_data(molere.Config(dataset="synthetic", meta_set="outside:50"), CPU)
 
 
+@pytest.mark.slow
 def test_an_outside_meta_set_is_every_fixed_methods_s_val(tmp_path, capsys):
     out = tmp_path / "out"
     run_main(["--dataset", "synthetic", "--train-subset", "300", "--imbalance", "2", "--meta-set", "outside:20", "--delta", "0.25",
@@ -61,6 +62,7 @@ def test_class_balanced_erm_weights_each_class_by_its_inverse_count():
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_class_balanced_erm_is_erm_where_the_classes_are_balanced(tmp_path, capsys):
     out = tmp_path / "out"
     run_main(["--dataset", "synthetic", "--train-subset", "200", "--method", "erm,erm-cb", "--epochs", "2",
@@ -80,6 +82,7 @@ def test_evaluation_draws_no_random_numbers():
     assert torch.equal(before, torch.get_rng_state())
 
 
+@pytest.mark.slow
 def test_early_stopping_on_the_meta_set_reports_the_test_accuracy_of_its_best_epoch(tmp_path, capsys):
     out = tmp_path / "out"
     run_main(["--dataset", "synthetic", "--train-subset", "200", "--noise", "uniform:0.4", "--meta-set", "clean:20",
@@ -110,6 +113,7 @@ def test_the_spurious_set_has_the_subpopulations_it_promises():
     assert (xs.float().mean((1, 2, 3)) / 255 - 0.5).abs().max() < 0.01
 
 
+@pytest.mark.slow
 def test_records_carry_the_subpopulations_and_the_classes(tmp_path, capsys):
     out = tmp_path / "out"
     run_main(["--dataset", "spurious", "--train-subset", "300", "--method", "erm,lrw-hard", "--epochs", "2",
