@@ -108,7 +108,8 @@ BAD = [
     (["--splitter-data", "train"], "--splitter-data must be val or all"),
     (["--noise", "uniform:1.5"], "--noise must be none, uniform:p, pair:p or instance:p"),
     (["--noise", "gauss:0.2"], "--noise must be none, uniform:p, pair:p or instance:p"),
-    (["--meta-set", "clean:x"], "--meta-set must be split, clean:N with N >= 1 or folder:PATH"),
+    (["--meta-set", "clean:x"], "--meta-set must be split, clean:N or outside:N with N >= 1, or folder:PATH"),
+    (["--meta-set", "outside:5", "--dataset", "folder:x"], "--meta-set outside:N draws from a built-in set"),
     (["--meta-set", "clean:5", "--method", "erm,lrw-random"], "N must be between 10"),
     (["--meta-set", "clean:50", "--method", "lrw-hard"], "LRW-Easy and LRW-Hard have no split to choose"),
     (["--imbalance", "0.5"], "--imbalance is a ratio"),
@@ -181,7 +182,7 @@ def test_cli_help_and_exit_code_in_a_real_process():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "molere.py: error: unknown --method 'nope': choose from erm, erm-tr, lrw-random, lrw-easy, lrw-hard, molere, "
-        "mwn, l2rw, all, or a comma list of methods"]
+        "mwn, l2rw, erm-cb, all, or a comma list of methods"]
 
 
 def test_torn_result_record_is_skipped_and_reported_again(tmp_path, capsys):
