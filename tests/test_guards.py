@@ -28,7 +28,7 @@ def test_epoch_auc_ranks_clean_above_flipped():
     n = len(data.y)
     w = torch.rand(n) * 0.7 + 0.4 * (~data.noisy).float()  # clean images mostly above flipped ones
     w[data.meta_mask] = float("nan")  # never in a batch
-    seen = dict(w=w, fit=torch.rand(n) < 0.5, phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]))
+    seen = dict(w=w, fitted=torch.rand(n) < 0.5, phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]))
     out = molere_cli.epoch_diagnostics(run, data, seen)
     batched = ~data.meta_mask
     want = pairwise_auc(w[batched & ~data.noisy], w[batched & data.noisy])
