@@ -15,6 +15,13 @@ from helpers import TINY, fresh_seed, run_main, small_run
 CPU = torch.device("cpu")
 
 
+def records_of(tmp_path, capsys, *flags):
+    """Run molere.py's command line on TINY settings (the test set every epoch); its records, by method."""
+    out = tmp_path / "out"
+    run_main([*flags, "--out", str(out)] + TINY, capsys)
+    return {r["method"]: r for r in map(json.loads, open(out / "results.jsonl"))}
+
+
 def test_an_outside_meta_set_leaves_the_long_tailed_pool_whole():
     skew = dict(dataset="synthetic", train_subset=1000, imbalance=10.0)
     inside = molere_data.load_data(molere.Config(**skew), CPU)
@@ -38,10 +45,8 @@ def test_an_outside_meta_set_leaves_the_long_tailed_pool_whole():
 
 @pytest.mark.slow
 def test_an_outside_meta_set_is_every_fixed_methods_s_val(tmp_path, capsys):
-    out = tmp_path / "out"
-    run_main(["--dataset", "synthetic", "--train-subset", "300", "--imbalance", "2", "--meta-set", "outside:20", "--delta", "0.25",
-              "--method", "erm-tr,mwn,molere", "--epochs", "2", "--out", str(out)] + TINY, capsys)
-    rows = {r["method"]: r for r in map(json.loads, open(out / "results.jsonl"))}
+    rows = records_of(tmp_path, capsys, "--dataset", "synthetic", "--train-subset", "300", "--imbalance", "2",
+                      "--meta-set", "outside:20", "--delta", "0.25", "--method", "erm-tr,mwn,molere", "--epochs", "2")
     assert rows["erm-tr"]["val_mask"] == rows["mwn"]["val_mask"] == []  # S_tr = S: the meta set is outside
     assert rows["molere"]["val_size"] > 0  # MOLERE splits the pool itself
     assert all("meta_acc" in e for e in rows["mwn"]["log"])
@@ -64,10 +69,8 @@ def test_class_balanced_erm_weights_each_class_by_its_inverse_count():
 
 @pytest.mark.slow
 def test_class_balanced_erm_is_erm_where_the_classes_are_balanced(tmp_path, capsys):
-    out = tmp_path / "out"
-    run_main(["--dataset", "synthetic", "--train-subset", "200", "--method", "erm,erm-cb", "--epochs", "2",
-              "--out", str(out)] + TINY, capsys)
-    rows = {r["method"]: r for r in map(json.loads, open(out / "results.jsonl"))}
+    rows = records_of(tmp_path, capsys, "--dataset", "synthetic", "--train-subset", "200", "--method", "erm,erm-cb",
+                      "--epochs", "2")
     # w~ = w / mean w is 1 up to rounding (1/20 / mean of 1/20s), so the two agree to rounding
     assert rows["erm"]["test_margins"] == pytest.approx(rows["erm-cb"]["test_margins"], abs=2e-3)
     assert rows["erm"]["test_acc"] == pytest.approx(rows["erm-cb"]["test_acc"], abs=0.21)
@@ -84,10 +87,8 @@ def test_evaluation_draws_no_random_numbers():
 
 @pytest.mark.slow
 def test_early_stopping_on_the_meta_set_reports_the_test_accuracy_of_its_best_epoch(tmp_path, capsys):
-    out = tmp_path / "out"
-    run_main(["--dataset", "synthetic", "--train-subset", "200", "--noise", "uniform:0.4", "--meta-set", "clean:20",
-              "--method", "erm-tr", "--epochs", "4", "--out", str(out)] + TINY, capsys)  # TINY: test every epoch
-    r = json.loads(open(out / "results.jsonl").readline())
+    r, = records_of(tmp_path, capsys, "--dataset", "synthetic", "--train-subset", "200", "--noise", "uniform:0.4",
+                    "--meta-set", "clean:20", "--method", "erm-tr", "--epochs", "4").values()
     accs = [e["meta_acc"] for e in r["log"]]
     first_best = accs.index(max(accs))
     assert r["best_meta_epoch"] == first_best + 1 and r["best_meta_acc"] == max(accs)
@@ -115,10 +116,8 @@ def test_the_spurious_set_has_the_subpopulations_it_promises():
 
 @pytest.mark.slow
 def test_records_carry_the_subpopulations_and_the_classes(tmp_path, capsys):
-    out = tmp_path / "out"
-    run_main(["--dataset", "spurious", "--train-subset", "300", "--method", "erm,lrw-hard", "--epochs", "2",
-              "--out", str(out)] + TINY, capsys)
-    rows = {r["method"]: r for r in map(json.loads, open(out / "results.jsonl"))}
+    rows = records_of(tmp_path, capsys, "--dataset", "spurious", "--train-subset", "300", "--method", "erm,lrw-hard",
+                      "--epochs", "2")
     data = molere_data.load_data(molere.Config(dataset="spurious", train_subset=300), CPU)
     for r in rows.values():
         assert r["minority"] == data.minority.nonzero().squeeze(1).tolist()
