@@ -169,13 +169,25 @@ class Config:
 # ----------------------------------------------------- one run over several processes (torchrun; README)
 
 
+PROCESSES = None  # the process group each run is spread over (`spread_over`); None: this process alone
+
+
+def spread_over(group=None):
+    """Spread every run of this process over a process group, torchrun's whole world by default
+    (molere_cli calls it under torchrun): each process takes its share of every batch, and G, v,
+    L_val and the weights' normaliser are reduced over the group. Until it is called, molere
+    computes in this process alone, even where the caller has a process group of its own."""
+    global PROCESSES
+    PROCESSES = dist.group.WORLD if group is None else group
+
+
 def world():
-    """How many processes share each batch: torchrun's world size, 1 in a plain run."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """How many processes share each batch: the size of `spread_over`'s group, else 1."""
+    return 1 if PROCESSES is None else dist.get_world_size(PROCESSES)
 
 
 def rank():
-    return dist.get_rank() if world() > 1 else 0
+    return 0 if PROCESSES is None else dist.get_rank(PROCESSES)
 
 
 class WorldSum(torch.autograd.Function):
@@ -186,13 +198,13 @@ class WorldSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=PROCESSES)
         return t
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=PROCESSES)
         return grad
 
 
@@ -661,7 +673,7 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         # torchrun: the classifier's forward and backward through DDP, which all-reduces G
         self.net = self.model if world() == 1 else nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.model, device_ids=[device.index] if device.type == "cuda" else None, process_group=PROCESSES)
         self.fwd = torch.compile(self.net) if compile else self.net  # plain steps, evaluation: no replay
         self.weight_grad = compiled_fast_path() if compile else weight_grad_fast  # the look-ahead and JVP
         feats = self.model.features

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
-                    margins, meta_input, per_class_topk, predict, rank, rng_state, set_rng, train, world)
+                    margins, meta_input, per_class_topk, predict, rank, rng_state, set_rng, spread_over, train,
+                    world)
 from molere_data import load_data
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
                        make_writable_folder, read_checkpoint, read_results, run_lock, source_version,
@@ -412,6 +413,7 @@ def join_torchrun(args, cfg):
     if gpu:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if gpu else "gloo")
+    spread_over()  # each run over all the processes torchrun started
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return device

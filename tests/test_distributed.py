@@ -57,6 +57,7 @@ def process(rank, world, init, out, batch_size):
     torch.set_num_threads(1)
     molere.make_model = lambda cfg, classes: NoNormNet(classes)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    molere.spread_over()
     try:
         train_all(out, batch_size)
     finally:
@@ -80,6 +81,30 @@ def test_two_processes_with_half_batches_compute_what_one_process_computes(tmp_p
                                            msg=lambda m: f"{method} {net}.{k}: {m}")
     moved = (one["lrw-random"]["meta"]["net.0.weight"] - two["erm"]["meta"]["net.0.weight"]).abs().max()
     assert moved > 1e-3  # phi did learn: the comparison is not of untouched initial values
+
+
+def own_group(rank, init, out):
+    """A caller's own process group: molere stays in its process until asked to spread over it."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        t = torch.tensor([float(rank + 1)], requires_grad=True)
+        alone = (molere.world(), molere.rank(), molere.world_mean(t).item(), molere.my_share(torch.arange(4)).tolist())
+        molere.spread_over()
+        mean = molere.world_mean(t)
+        mean.backward()  # d(mean over both)/dt_this, summed over both processes' means: 2 x 1/2
+        spread = (molere.world(), molere.rank(), mean.item(), molere.my_share(torch.arange(4)).tolist(), t.grad.item())
+        torch.save((alone, spread), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_callers_process_group_is_used_only_when_asked(tmp_path):
+    mp.spawn(own_group, args=(str(tmp_path / "init"), str(tmp_path / "r")), nprocs=2)
+    for rank in (0, 1):
+        alone, spread = torch.load(f"{tmp_path / 'r'}.{rank}")
+        assert alone == (1, 0, float(rank + 1), [0, 1, 2, 3])
+        assert spread == (2, rank, 1.5, [[0, 1], [2, 3]][rank], 1.0)
 
 
 def test_torchrun_trains_each_run_once_from_rank_0_and_resumes(tmp_path):
