@@ -94,7 +94,7 @@ class Config:
     is apart, in molere_cli.Runtime). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
     standard recipe. Stored with every checkpoint and result (molere_cli.config_record); every
     field is a CLI flag."""
-    dataset: str = knob("cifar100", "synthetic | cifar10 | cifar100 | packed (the CIFAR-10 subset that "
+    dataset: str = knob("cifar100", "synthetic | spurious (the hard-samples known answer) | cifar10 | cifar100 | packed (the CIFAR-10 subset that "
                                     "tools/pack.py writes to --data-root, for a GPU machine) | folder:PATH "
                                     "(PATH/train/<class>/* and PATH/test/<class>/*, read from disk)")
     image_size: int = knob(224, "--dataset folder:PATH: the side of the images the network sees (ImageNet's "
@@ -151,7 +151,9 @@ class Config:
                               "class, uniformly) | pair:p (to the next class) | instance:p (Xia et al. "
                               "2020: whether and where a label moves depends on the image)")
     meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images of S "
-                                  "with their true labels) | folder:PATH (PATH/<class>/*, classes named as "
+                                  "with their true labels) | outside:N (N class-balanced images of the "
+                                  "source's training set beyond --train-subset, none of S: MW-Net's "
+                                  "class-imbalance meta set) | folder:PATH (PATH/<class>/*, classes named as "
                                   "in training: images from outside S, the paper's Table 4): every "
                                   "reweighting method's fixed S_val but MOLERE's")
 

@@ -3,7 +3,8 @@ The pool S and the untouched test split that a run trains and is tested on, each
 for every seed and method (METHOD.md §§5, 6 and 8): the source (a synthetic demo set made in
 memory, CIFAR-10/100, the packed CIFAR-10 subset, or any image folder), a class-balanced subset,
 class skew (the paper's Table 2), label noise (Table 3 and the noisy-label anchor) and a meta set
-(clean images of S, or an image folder of the user's: Table 4's natural hard examples). What
+(clean images of S, images of the source beyond S, or an image folder of the user's: Table 4's
+natural hard examples); and the spurious set of the hard-samples known answer (`make_spurious`). What
 training does with it is molere.get_batch: CIFAR stays on the device as uint8 (crop and flip done
 there, no DataLoader); a folder is read from disk by `FolderImages`.
 """
