@@ -94,8 +94,9 @@ class Config:
     is apart, in molere_cli.Runtime). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
     standard recipe. Stored with every checkpoint and result (molere_cli.config_record); every
     field is a CLI flag."""
-    dataset: str = knob("cifar100", "synthetic | spurious (the hard-samples known answer) | cifar10 | cifar100 | packed (the CIFAR-10 subset that "
-                                    "tools/pack.py writes to --data-root, for a GPU machine) | folder:PATH "
+    dataset: str = knob("cifar100", "synthetic | spurious (the hard-samples known answer) | cifar10 | cifar100 | "
+                                    "packed (the CIFAR-10 subset that tools/pack.py writes to --data-root, for "
+                                    "a GPU machine) | folder:PATH "
                                     "(PATH/train/<class>/* and PATH/test/<class>/*, read from disk)")
     image_size: int = knob(224, "--dataset folder:PATH: the side of the images the network sees (ImageNet's "
                                 "transforms: random resized crop and flip; resize and centre crop to test)")
