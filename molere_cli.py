@@ -301,9 +301,11 @@ def result_record(run, data, cfg, rt, test_logits):
                     test_acc_minority=accuracy(test_logits[data.minority_test], data.y_test[data.minority_test]),
                     minority=data.minority.nonzero().squeeze(1).tolist())
     right_test = (test_logits.argmax(1) == data.y_test).float()
-    per_class = lambda v, y: [round(float(v[y == c].mean()), 4) if (y == c).any() else None for c in range(data.classes)]
+    per_class = lambda v, y: [round(float(v[y == c].mean()), 4) if (y == c).any() else None
+                              for c in range(data.classes)]
     s_tr = ~run.val_mask
-    by_class = dict(test_acc_by_class=[None if a is None else round(a * 100, 2) for a in per_class(right_test, data.y_test)],
+    by_class = dict(test_acc_by_class=[None if a is None else round(a * 100, 2)
+                                       for a in per_class(right_test, data.y_test)],
                     train_counts=torch.bincount(data.y_true[s_tr], minlength=data.classes).tolist())
     if weights is not None:  # the learned weight per class, over S_tr, against the prior 1 / n_c
         by_class["weight_by_class"] = per_class(torch.tensor(weights, device=data.y.device)[s_tr], data.y[s_tr])
@@ -313,7 +315,8 @@ def result_record(run, data, cfg, rt, test_logits):
         train_acc=accuracy(train_logits, data.y), train_margins=rounded(margins(train_logits, data.y)),
         train_weights=weights, val_mask=run.val_mask.nonzero().squeeze(1).tolist(),
         noisy=(data.y != data.y_true).nonzero().squeeze(1).tolist(),
-        val_size=int(run.val_mask.sum()), **fits, **by_class, **best_on_meta_set(run.log), log=run.log, wall_time_s=round(run.elapsed, 1),
+        val_size=int(run.val_mask.sum()), **fits, **by_class, **best_on_meta_set(run.log), log=run.log,
+        wall_time_s=round(run.elapsed, 1),
         device=device_name(rt.device), date=time.strftime("%Y-%m-%d %H:%M:%S"), code=source_version())
 
 
@@ -358,8 +361,8 @@ def build_parser():
         formatter_class=Help)
     a = p.add_argument
     a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
-      "mwn | l2rw | erm-cb (baselines; erm-cb: ERM weighted by 1 / n_class) | all, or a comma list (all: every method but the baselines; ERM once per seed, "
-      "reused for the train-twice margins)")
+      "mwn | l2rw | erm-cb (baselines; erm-cb: ERM weighted by 1 / n_class) | all, or a comma list (all: every "
+      "method but the baselines; ERM once per seed, reused for the train-twice margins)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
     a("--no-download", action="store_true", help="never try to download missing CIFAR files (without this flag: "
