@@ -220,3 +220,18 @@ def test_unfinished_runs_are_read_from_the_metrics_file(tmp_path):
     table = analyze.unfinished_table(runs, 40)
     assert "| molere | 0 | 2 of 40 | 1.800 | — | — |" in table
     assert "| molere | 1 | 1 of 40 | 2.400 | 31.50 (epoch 1) | 0.61 |" in table
+
+
+def test_class_shot_table_groups_the_classes_by_their_count():
+    def rec(method, seed, by_class, weights=None):
+        return dict(method=method, seed=seed, test_acc=sum(by_class) / 3, config={"imbalance": 10.0},
+                    train_counts=[100, 10, 50], test_acc_by_class=by_class, weight_by_class=weights)
+    rows = [rec("erm", 0, [90.0, 30.0, 60.0]), rec("erm", 1, [80.0, 20.0, 60.0]),
+            rec("mwn", 0, [85.0, 45.0, 65.0], [0.2, 0.6, 0.4]), rec("mwn", 1, [85.0, 55.0, 65.0], [0.2, 0.6, 0.4])]
+    table = analyze.shot_table(rows)
+    # many: class 0 (100 images), medium: class 2 (50), few: class 1 (10)
+    assert "many-shot (%), classes [0] | medium-shot (%), classes [2] | few-shot (%), classes [1]" in table
+    assert "| erm | 2 | 56.67 ± 4.71 | 85.00 ± 7.07 | 60.00 ± 0.00 | 25.00 ± 7.07 |" in table
+    prior = [1 / 100, 1 / 10, 1 / 50]
+    assert "| prior 1/n_c | " + " | ".join(f"{p / statistics.mean(prior):.2f}" for p in prior) + " |" in table
+    assert "| mwn (baseline) | 0.50 | 1.50 | 1.00 |" in table
