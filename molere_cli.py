@@ -304,8 +304,10 @@ def result_record(run, data, cfg, rt, test_logits):
     per_class = lambda v, y: [round(float(v[y == c].mean()), 4) if (y == c).any() else None
                               for c in range(data.classes)]
     s_tr = ~run.val_mask
-    by_class = dict(test_acc_by_class=[None if a is None else round(a * 100, 2)
-                                       for a in per_class(right_test, data.y_test)],
+    right_train = (train_logits.argmax(1) == data.y).float()
+    percent = lambda accs: [None if a is None else round(a * 100, 2) for a in accs]
+    by_class = dict(test_acc_by_class=percent(per_class(right_test, data.y_test)),
+                    train_acc_by_class=percent(per_class(right_train[s_tr], data.y[s_tr])),  # eval mode, S_tr
                     train_counts=torch.bincount(data.y_true[s_tr], minlength=data.classes).tolist())
     if weights is not None:  # the learned weight per class, over S_tr, against the prior 1 / n_c
         by_class["weight_by_class"] = per_class(torch.tensor(weights, device=data.y.device)[s_tr], data.y[s_tr])

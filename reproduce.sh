@@ -23,6 +23,7 @@
 #                                  LRW-Random, LRW-Hard, MOLERE, 5 seeds); spurious-pilots: its generator's pilot
 #   bash reproduce.sh noise-powered section 7's anchor at the defaults, 5 fresh seeds (hours; resumable)
 #   bash reproduce.sh clean-powered section 1's clean setting at the defaults, 5 fresh seeds (resumable)
+#   bash reproduce.sh skew-pilot   section 9.1's pilot: ERM on the long-tailed pool, training accuracy by class
 #   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
 #                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
 #                                  paper's balanced comparison on it. COPY_TO=DIR copies the table and records there
@@ -111,6 +112,10 @@ NOISE_POWERED=(--dataset cifar10 --train-subset 2000 --depth 10 --width 2 --drop
 CLEAN_POWERED=(--dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20 --batch-size 64
                --no-augment --warmup-epochs 5 --resplit-every 3 --eval-every 5 --threads 1 --resume)
 SEEDS9=(--seeds 300 301 302 303 304)
+# Class skew (section 9.1): a long-tailed CIFAR-10 pool (head 1,000 images, tail 50), a class-balanced
+# meta set from the training images beyond it, augmentation on; --epochs comes from the pilot
+SKEW=(--dataset cifar10 --train-subset 10000 --imbalance 20 --meta-set outside:100 --depth 10 --width 2 --dropout 0
+      --batch-size 64 --warmup-epochs 10 --resplit-every 5 --eval-every 0 --threads 1 --resume)
 
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
@@ -237,6 +242,11 @@ case "$cmd" in
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CLEAN_POWERED[@]}" "${SEEDS9[@]}" \
       --method erm,erm-tr,lrw-random,lrw-hard,molere --out results/clean-powered "$@"
     "$PY" -m tools.analyze results/clean-powered/results.jsonl --figures results/clean-powered --into RESULTS.md ;;
+  skew-pilot)  # RESULTS.md section 9.1, pilot: ERM on seed 0, 40 epochs; its training accuracy by class decides the epochs
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" molere.py --data-root "$root" "${SKEW[@]}" --epochs 40 --method erm --seeds 0 --out results/skew-pilot "$@"
+    "$PY" -c "import json; [print(r['method'], r['seed'], 'training accuracy by class (eval mode):', r['train_acc_by_class'],
+               'counts:', r['train_counts']) for r in map(json.loads, open('results/skew-pilot/results.jsonl'))]" ;;
   gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
     out=${EVIDENCE_DIR:-runs/gpu-evidence}
     mkdir -p "$out"
@@ -256,6 +266,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, spurious, spurious-pilots, noise-powered, clean-powered, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, spurious, spurious-pilots, noise-powered, clean-powered, skew-pilot, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac

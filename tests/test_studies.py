@@ -134,3 +134,7 @@ def test_records_carry_the_subpopulations_and_the_classes(tmp_path, capsys):
     ys = data.y[s_tr]
     assert hard["weight_by_class"] == pytest.approx([float(w[ys == c].mean()) for c in range(10)], abs=1e-4)
     assert hard["train_counts"] == torch.bincount(ys, minlength=10).tolist()
+    margin = torch.tensor(hard["train_margins"])[s_tr]  # eval mode, as the record's train accuracy
+    for c in range(10):  # a margin rounded to 0.0000 may be a fit or not: between the two counts
+        sure, tied = float((margin[ys == c] > 0).float().mean()), float((margin[ys == c] == 0).float().mean())
+        assert 100 * sure - 0.01 <= hard["train_acc_by_class"][c] <= 100 * (sure + tied) + 0.01
