@@ -242,11 +242,14 @@ case "$cmd" in
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CLEAN_POWERED[@]}" "${SEEDS9[@]}" \
       --method erm,erm-tr,lrw-random,lrw-hard,molere --out results/clean-powered "$@"
     "$PY" -m tools.analyze results/clean-powered/results.jsonl --figures results/clean-powered --into RESULTS.md ;;
-  skew-pilot)  # RESULTS.md section 9.1, pilot: ERM on seed 0, 40 epochs; its training accuracy by class decides the epochs
+  skew-pilot)  # RESULTS.md section 9.1, pilot: ERM on seed 0 for EPOCHS (40; then 80) epochs, training accuracy by class
     root=${DATA_ROOT:-../shared/data}
-    "$PY" molere.py --data-root "$root" "${SKEW[@]}" --epochs 40 --method erm --seeds 0 --out results/skew-pilot "$@"
-    "$PY" -c "import json; [print(r['method'], r['seed'], 'training accuracy by class (eval mode):', r['train_acc_by_class'],
-               'counts:', r['train_counts']) for r in map(json.loads, open('results/skew-pilot/results.jsonl'))]" ;;
+    epochs=${EPOCHS:-40}
+    out=results/skew-pilot$([ "$epochs" = 40 ] || echo "-$epochs")
+    "$PY" molere.py --data-root "$root" "${SKEW[@]}" --epochs "$epochs" --method erm --seeds 0 --out "$out" "$@"
+    "$PY" -c "import json, sys; [print(r['method'], r['seed'], 'training accuracy by class (eval mode):',
+               r['train_acc_by_class'], 'counts:', r['train_counts']) for r in map(json.loads, open(sys.argv[1]))]" \
+      "$out/results.jsonl" ;;
   gpu-evidence)  # one device call, under 9 minutes: gpu-check's measurements (capped), then the anchor at GPU scale
     out=${EVIDENCE_DIR:-runs/gpu-evidence}
     mkdir -p "$out"
