@@ -339,34 +339,12 @@ class ResNet32(nn.Module):
         return self.fc(h), h
 
 
-class Torchvision(nn.Module):
-    """--arch tv:NAME: any torchvision classifier with its last Linear (the head) replaced by one
-    for our classes; forward returns (logits, h) with h the penultimate features, so g_phi and
-    the splitter work unchanged. `body` is the model as built (and loaded) with its own head."""
-
-    def __init__(self, body, classes):
-        super().__init__()
-        heads = [(n, m) for n, m in body.named_modules() if isinstance(m, nn.Linear)]
-        if not heads:
-            from molere_io import ConfigError
-            raise ConfigError(f"--arch tv:{type(body).__name__} has no Linear head to replace")
-        name, head = heads[-1]
-        parent = body.get_submodule(name.rpartition(".")[0])
-        setattr(parent, name.rpartition(".")[2], nn.Identity())
-        self.body, self.features = body, head.in_features
-        self.fc = nn.Linear(head.in_features, classes)
-
-    def forward(self, x):
-        h = self.body(x)
-        return self.fc(h), h
-
-
 def make_model(cfg, classes):
     if cfg.arch == "resnet32":
         return ResNet32(classes)
     if cfg.arch.startswith("tv:"):
         size = cfg.image_size if cfg.dataset.startswith("folder:") else 32  # CIFAR: 32 x 32
-        from molere_io import load_torchvision
+        from molere_io import Torchvision, load_torchvision  # the torchvision wrapper lives beside the method
         return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, size), classes)
     return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
 

@@ -308,7 +308,7 @@ def result_record(run, data, cfg, rt, test_logits):
     percent = lambda accs: [None if a is None else round(a * 100, 2) for a in accs]
     by_class = dict(test_acc_by_class=percent(per_class(right_test, data.y_test)),
                     train_acc_by_class=percent(per_class(right_train[s_tr], data.y[s_tr])),  # eval mode, S_tr
-                    train_counts=torch.bincount(data.y_true[s_tr], minlength=data.classes).tolist())
+                    train_counts=torch.bincount(data.y[s_tr], minlength=data.classes).tolist())  # as training sees them
     if weights is not None:  # the learned weight per class, over S_tr, against the prior 1 / n_c
         by_class["weight_by_class"] = per_class(torch.tensor(weights, device=data.y.device)[s_tr], data.y[s_tr])
     return dict(

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torchvision
 
 
@@ -253,6 +254,27 @@ def _input_size_problem(cfg):
     least = max(next(iter(torchvision.models.get_model_weights(name))).meta.get("min_size", (1, 1)))
     return side >= least, (f"--arch tv:{name} needs images of at least {least} x {least} pixels; it would see "
                            f"{side} x {side} ({'--image-size' if cfg.dataset.startswith('folder:') else 'CIFAR'})")
+
+
+class Torchvision(nn.Module):
+    """--arch tv:NAME: any torchvision classifier with its last Linear (the head) replaced by one
+    for our classes; forward returns (logits, h) with h the penultimate features, so g_phi and
+    the splitter work unchanged. `body` is the model as built (and loaded) with its own head."""
+
+    def __init__(self, body, classes):
+        super().__init__()
+        heads = [(n, m) for n, m in body.named_modules() if isinstance(m, nn.Linear)]
+        if not heads:
+            raise ConfigError(f"--arch tv:{type(body).__name__} has no Linear head to replace")
+        name, head = heads[-1]
+        parent = body.get_submodule(name.rpartition(".")[0])
+        setattr(parent, name.rpartition(".")[2], nn.Identity())
+        self.body, self.features = body, head.in_features
+        self.fc = nn.Linear(head.in_features, classes)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h), h
 
 
 AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are built off: one output, one head

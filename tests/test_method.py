@@ -386,7 +386,7 @@ def test_a_torchvision_model_with_auxiliary_heads_trains_through_one_head():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vit"])
 def test_torchvision_backbones_keep_the_meta_gradient_exact(name):
-    """--arch tv:NAME: a torchvision ResNet-18 and a (tiny) torchvision ViT behind molere.Torchvision
+    """--arch tv:NAME: a torchvision ResNet-18 and a (tiny) torchvision ViT behind molere_io.Torchvision
     return (logits for our classes, penultimate h), and METHOD.md §7's g is the same by the fast
     path (one JVP; attention through its math kernel) as by create_graph, in float64."""
     import torchvision
@@ -395,7 +395,7 @@ def test_torchvision_backbones_keep_the_meta_gradient_exact(name):
     body = (torchvision.models.resnet18() if name == "resnet18" else
             torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
                                                  hidden_dim=16, mlp_dim=32))
-    model = molere.Torchvision(body, classes).double()
+    model = molere_io.Torchvision(body, classes).double()
     x, xv = torch.randn(n, 3, 16, 16, dtype=torch.float64), torch.randn(n, 3, 16, 16, dtype=torch.float64)
     y, yv = torch.randint(0, classes, (n,)), torch.randint(0, classes, (n,))
     logits, h = model(x)
