@@ -27,9 +27,9 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
@@ -39,6 +39,7 @@ try:  # installed (pip install -e .): the kernel package is molere_kernels; in a
     from molere_kernels import weighted_cross_entropy
 except ImportError:
     from kernels import weighted_cross_entropy
+from molere_world import my_share, world, world_mean, world_sum, wrap  # torchrun; the identity in one process
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -169,89 +170,6 @@ class Config:
         if bad:
             raise ConfigError(bad)
 
-# ----------------------------------------------------- one run over several processes (torchrun; README)
-
-
-PROCESSES = None  # the process group each run is spread over (`spread_over`); None: this process alone
-
-
-def spread_over(group=None):
-    """Spread every run of this process over a process group, torchrun's whole world by default
-    (molere_cli calls it under torchrun): each process takes its share of every batch, and G, v,
-    L_val and the weights' normaliser are reduced over the group. Until it is called, molere
-    computes in this process alone, even where the caller has a process group of its own."""
-    global PROCESSES
-    PROCESSES = dist.group.WORLD if group is None else group
-
-
-def world():
-    """How many processes share each batch: the size of `spread_over`'s group, else 1."""
-    return 1 if PROCESSES is None else dist.get_world_size(PROCESSES)
-
-
-def rank():
-    return 0 if PROCESSES is None else dist.get_rank(PROCESSES)
-
-
-class WorldSum(torch.autograd.Function):
-    """t summed over the processes; the backward sums the incoming gradients the same way, since
-    every process's sum depends on every process's t (torch.distributed.nn's all_reduce, which
-    is deprecated, did the same)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=PROCESSES)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=PROCESSES)
-        return grad
-
-
-def world_mean(t):
-    """t averaged over the processes, differentiably (its backward sums the gradients that
-    reach it from every process); t itself in a plain run."""
-    return t if world() == 1 else WorldSum.apply(t) / world()
-
-
-def world_sum(t):
-    return world_mean(t) * world()
-
-
-def my_share(idx):
-    """This process's contiguous 1/world of each batch of indices (the last axis) that every
-    process drew alike."""
-    if world() == 1:
-        return idx
-    return idx.view(*idx.shape[:-1], world(), idx.shape[-1] // world())[..., rank(), :]
-
-# ------------------------------------------------------------------ batches (the pool S: molere_data.py)
-
-
-def get_batch(data, idx, augment, x=None):
-    """uint8 images -> normalised float batch on the device; random crop (reflect pad 4)
-    and horizontal flip done for the whole batch at once, no DataLoader. Images in a folder
-    (--dataset folder:PATH, molere_data.FolderImages) are read from disk and transformed there."""
-    source = data.x if x is None else x
-    if not torch.is_tensor(source):
-        return source.load(idx, augment)
-    x = source[idx].float()
-    if augment:
-        b, c, h, w = x.shape
-        x = F.pad(x, (4, 4, 4, 4), mode="reflect")
-        dy, dx = (torch.randint(0, 9, (2, b), device=x.device))
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = x[torch.arange(b, device=x.device)[:, None, None, None],
-              torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-        x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-    x = (x / 255 - data.mean) / data.std
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
-
-
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -303,64 +221,28 @@ class WideResNet(nn.Module):
         return self.fc(h), h
 
 
-class ResNet32(nn.Module):
-    """He et al.'s CIFAR ResNet-32 (--arch resnet32): 3 stages of 5 post-activation basic blocks,
-    16/32/64 channels, parameter-free shortcuts (stride 2, zero-padded channels): 0.46M
-    parameters. Like WideResNet, forward returns (logits, h) and `features` is h's width."""
-
-    def __init__(self, classes=10):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
-        layers, cin = [], 16
-        for i, cout in enumerate((16, 32, 64)):
-            for j in range(5):
-                stride = 2 if i and not j else 1
-                layers.append(nn.ModuleDict(dict(
-                    conv1=nn.Conv2d(cin, cout, 3, stride, 1, bias=False), bn1=nn.BatchNorm2d(cout),
-                    conv2=nn.Conv2d(cout, cout, 3, 1, 1, bias=False), bn2=nn.BatchNorm2d(cout))))
-                cin = cout
-        self.layers = nn.ModuleList(layers)
-        self.fc = nn.Linear(64, classes)
-        self.features = 64
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.conv(x)))
-        for b in self.layers:
-            y = F.relu(b.bn1(b.conv1(x)))
-            y = b.bn2(b.conv2(y))
-            if y.shape != x.shape:  # downsample, and pad the new channels with zeros
-                x = x[:, :, ::2, ::2]
-                x = F.pad(x, (0, 0, 0, 0, (y.shape[1] - x.shape[1]) // 2, (y.shape[1] - x.shape[1]) // 2))
-            x = F.relu(y + x)
-        h = x.mean((2, 3))
-        return self.fc(h), h
-
-
 def make_model(cfg, classes):
-    if cfg.arch == "resnet32":
-        return ResNet32(classes)
-    if cfg.arch.startswith("tv:"):
-        size = cfg.image_size if cfg.dataset.startswith("folder:") else 32  # CIFAR: 32 x 32
-        from molere_io import Torchvision, load_torchvision  # the torchvision wrapper lives beside the method
-        return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, size), classes)
-    return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
+    """f_theta: the Wide-ResNet, or (--arch) one of the other classifiers, which live beside the method
+    in molere_io.py: ResNet-32 and any torchvision model."""
+    if cfg.arch == "wrn":
+        return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
+    from molere_io import other_classifier
+    return other_classifier(cfg, classes)
 
 
 @torch.no_grad()
-def predict(net, data, x, chunk=1000):
-    """Eval mode, no augmentation: logits (fp32) and features for every image of x."""
-    was_training = net.training
-    net.eval()
+def predict(model, data, x, chunk=1000, forward=None):
+    """Eval mode, no augmentation: logits (fp32) and features for every image of x, through
+    `forward` (a run's: Run.forward) or the model itself."""
+    was_training = model.training
+    model.eval()
     outs, feats = [], []
     for i in range(0, len(x), chunk):
         with autocast(x.device):
-            o, h = net(get_batch(data, slice(i, i + chunk), augment=False, x=x))
+            o, h = (forward or model)(data.batch(slice(i, i + chunk), False, x))
         outs.append(o.float())
         feats.append(h.float())
-    net.train(was_training)
+    model.train(was_training)
     return torch.cat(outs), torch.cat(feats)
 
 
@@ -618,7 +500,7 @@ def l2rw_weights(model, x, y, xv, yv, alpha, rng, weight_grad=weight_grad_fast):
     w = torch.relu(-g.float())
     return loss_val, w / world_sum(w.sum()).clamp_min(torch.finfo(w.dtype).tiny)  # sums to 1 over the batch
 
-# ------------------------------------------------------------------------- one training step, in three parts
+# ------------------------------------------------------------------------- one training step, in parts
 
 
 def split_size(method, data, delta):
@@ -632,9 +514,9 @@ def split_size(method, data, delta):
 
 
 def meta_every(cfg, spec, n_train):
-    """Classifier steps per meta step (and splitter step): 1 for MW-Net and L2RW; else K, lowered
-    where a run would make fewer than cfg.meta_steps_min meta steps (RESULTS section 8: the meta
-    level needs a number of meta-gradients, not only a distance to move). The paper's CIFAR-100
+    """E7, classifier steps per meta step (and splitter step): 1 for MW-Net and L2RW; else K,
+    lowered where a run would make fewer than cfg.meta_steps_min meta steps (RESULTS section 8: the
+    meta level needs a number of meta-gradients, not only a distance to move). The paper's CIFAR-100
     run (200 epochs of 351 steps) keeps K = 5 for any minimum up to 14,040 (the default is 540)."""
     if spec.every_step:
         return 1
@@ -642,35 +524,39 @@ def meta_every(cfg, spec, n_train):
     return max(1, min(cfg.K, steps // cfg.meta_steps_min)) if cfg.meta_steps_min else cfg.K
 
 
+def meta_lr(cfg, K):
+    """E7, Adam's learning rate for phi: --meta-lr per classifier step (x K, so phi may move as far
+    per epoch at any K) or per meta step."""
+    return cfg.meta_lr * (K if cfg.meta_lr_per == "step" else 1)
+
+
 class Run:
-    """Everything one (method, seed) training run owns; checkpointed every epoch."""
+    """Everything one (method, seed) training run owns; checkpointed every epoch (STATE, the
+    epoch, the step, S_val's mask and the RNG: molere_cli.py)."""
     STATE = ("model", "meta", "splitter", "opt", "sched", "opt_meta", "opt_split")
 
     def __init__(self, cfg, method, seed, data, device, compile=False):
         torch.manual_seed(seed)
-        self.method, self.seed, self.device = method, seed, device
-        self.model = make_model(cfg, data.classes).to(device)
+        self.method, self.seed, self.device, self.spec = method, seed, device, METHODS[method]
+        self.model = make_model(cfg, data.classes).to(device)  # f_theta: the one handle to the classifier
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        # torchrun: the classifier's forward and backward through DDP, which all-reduces G
-        self.net = self.model if world() == 1 else nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[device.index] if device.type == "cuda" else None, process_group=PROCESSES)
-        self.fwd = torch.compile(self.net) if compile else self.net  # plain steps, evaluation: no replay
-        self.weight_grad = compiled_fast_path() if compile else weight_grad_fast  # the look-ahead and JVP
-        feats = self.model.features
-        self.spec = METHODS[method]
+        self._exact = wrap(self.model, device)  # torchrun: through DDP, which all-reduces G
+        self._fast = torch.compile(self._exact) if compile else self._exact
+        self.weight_grad = compiled_fast_path() if compile else weight_grad_fast  # E4-E5
         extra = int(cfg.meta_input == "features+loss")  # the loss as one more input column
-        self.meta = (LossNet(cfg.hidden) if self.spec.weights == "loss" else
-                     SampleNet(feats, data.classes, cfg.hidden, extra=extra, init=cfg.meta_init)).to(device)
-        self.splitter = SampleNet(feats, data.classes, cfg.hidden, p0=cfg.delta).to(device)
+        self.meta = (LossNet(cfg.hidden) if self.spec.weights == "loss" else  # g_phi
+                     SampleNet(self.model.features, data.classes, cfg.hidden, extra=extra, init=cfg.meta_init)
+                     ).to(device)
+        self.splitter = SampleNet(self.model.features, data.classes, cfg.hidden, p0=cfg.delta).to(device)  # P_Theta
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.wd, nesterov=cfg.momentum > 0)
         # milestones never at epoch 0; two that round to one epoch both decay there
         self.sched = torch.optim.lr_scheduler.MultiStepLR(
             self.opt, sorted(max(1, round(f * cfg.epochs)) for f in cfg.milestones), cfg.gamma)
         self.K = meta_every(cfg, self.spec, len(data.y) - split_size(method, data, cfg.delta))
-        self.opt_meta = torch.optim.Adam(self.meta.parameters(), weight_decay=self.spec.meta_wd,
-                                         lr=cfg.meta_lr * (self.K if cfg.meta_lr_per == "step" else 1))
+        self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=meta_lr(cfg, self.K),
+                                         weight_decay=self.spec.meta_wd)
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
         self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
         self.prior = 1 / torch.bincount(data.y, minlength=data.classes).clamp(min=1).float()  # erm-cb: 1/n_c
@@ -682,115 +568,138 @@ class Run:
     def reweights(self):
         return self.spec.reweights
 
-
-def forward_batch(run, data, cfg, idx, keep_rng):
-    """The batch S_tr[idx] (augmented) through the classifier. With `keep_rng` the eager model
-    runs and the RNG state before it is returned, so a JVP can replay its dropout masks exactly."""
-    x, y = get_batch(data, idx, augment=cfg.augment), data.y[idx]
-    rng = rng_state(run.device) if keep_rng else None
-    with autocast(run.device):
-        logits, h = (run.net if keep_rng else run.fwd)(x)
-    return x, y, rng, logits, h
+    def forward(self, x, replay=False):
+        """f_theta(x) -> (logits, h), as the loop and the evaluation run it: through DDP under
+        torchrun and through torch.compile under --compile, except where a JVP must replay this
+        forward's dropout masks (`replay`: eager)."""
+        return (self._exact if replay else self._fast)(x)
 
 
-def weighted_backward(run, logits, y, w_tilde, w, stats):
-    """G = grad_theta mean_i w~_i l_i through the fused kernel, left in p.grad (the optimizer
-    applies it after any meta step, which needs theta and G as they are); the batch's statistics
-    logged from the raw weights w. Returns which labels the batch fits, for the diagnostics."""
+class Step(NamedTuple):
+    """What a classifier step hands to the rest of the step: the batch (x, y), what g_phi sees (z),
+    the RNG state before the forward (for a JVP to replay its dropout masks; None if not kept),
+    the logits, G (one entry per parameter, also left in p.grad for run.opt.step()), the raw
+    weights w (L2RW: w~), the per-sample losses and, for L2RW, L_val."""
+    x: torch.Tensor
+    y: torch.Tensor
+    z: torch.Tensor
+    rng: tuple
+    logits: torch.Tensor
+    G: list
+    w: torch.Tensor
+    losses: torch.Tensor
+    val_loss: torch.Tensor = None
+
+
+def sample_weights(run, z, y):
+    """E1, the raw weights w of a batch, constants for the classifier step: g_phi(x_i, y_i) on what
+    g_phi sees (`z`, from `meta_input`), 1 / n_y for erm-cb (E17), 1 for ERM."""
+    if run.spec.weights == "class":
+        return run.prior[y]
+    if not run.reweights:
+        return torch.ones(len(y), device=run.device)
+    with torch.no_grad():
+        return instance_weights(run.meta, z, y, "none")
+
+
+def classifier_grad(run, logits, y, w_tilde):
+    """E3: G = grad_theta mean_i w~_i l_i of the batch through the fused kernel (kernels/). G is left
+    in p.grad, where run.opt.step() reads it once any meta step (which needs theta as it is) is
+    done, and returned, one entry per parameter (None where frozen), with the per-sample losses."""
     loss, losses = weighted_cross_entropy(logits, y, w_tilde, return_losses=True)
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    batch_stats(stats, run, w, losses)
-    return logits.detach().argmax(1) == y
+    loss.backward()  # torchrun: DDP all-reduces G here
+    return [p.grad for p in run.model.parameters()], losses
 
 
-def classifier_step(run, data, cfg, idx, stats, meta_next=False):
-    """METHOD.md §1, inner level: G = grad_theta mean_i w~_i l_i on the batch S_tr[idx], with
-    w~_i from g_phi(x_i, y_i) detached (ERM: w~_i = 1). With `meta_next` the meta step's JVP can
-    replay this forward's dropout masks. Returns the batch as the meta step needs it (x, y, what
-    g_phi sees, the RNG state), and for the epoch's diagnostics the raw weights w and which labels
-    the batch fits."""
-    x, y, rng, logits, h = forward_batch(run, data, cfg, idx, keep_rng=meta_next)
-    h = meta_input(run, h.detach(), logits, y)
-    if run.spec.weights == "class":
-        w = run.prior[y]
-    elif not run.reweights:
-        w = torch.ones(len(y), device=run.device)
-    else:
-        with torch.no_grad():
-            w = instance_weights(run.meta, h, y, "none")
-    fitted = weighted_backward(run, logits, y, normalised(w, cfg.weight_norm), w, stats)
-    return (x, y, h, rng), w, fitted
+def classify(run, x, replay):
+    """The batch through f_theta (train mode), and the RNG state before it where a JVP will replay
+    its dropout masks (`replay`), else None."""
+    rng = rng_state(run.device) if replay else None
+    with autocast(run.device):
+        logits, h = run.forward(x, replay)
+    return logits, h, rng
 
 
-def batch_stats(stats, run, w, losses):
-    stats["loss"].append(losses.mean())  # unweighted, comparable across methods
-    if run.reweights:  # does the meta-level do anything: scale, spread, and which samples it favours
-        stats["w_mean"].append(w.mean())
-        stats["w_spread"].append(w.std() / w.mean())  # std/mean of w, the same for w~
-        stats["w_loss_corr"].append(torch.corrcoef(torch.stack([w, losses]))[0, 1])
+def classifier_step(run, cfg, x, y, replay=False):
+    """E1-E3, inner level: w = g_phi(x, y) (1 for ERM; 1/n_y for erm-cb), w~ = w / mean w, and
+    G = grad_theta mean_i w~_i l_i on the batch, w~ held constant. With `replay` the forward runs
+    eagerly and its RNG state is kept for the meta step's JVP."""
+    logits, h, rng = classify(run, x, replay)
+    z = meta_input(run, h.detach(), logits, y)  # what g_phi sees
+    w = sample_weights(run, z, y)  # E1
+    G, losses = classifier_grad(run, logits, y, normalised(w, cfg.weight_norm))  # E2, E3
+    return Step(x, y, z, rng, logits, G, w, losses)
 
 
-def validation_batch(run, data, cfg, val_idx):
-    """B images drawn with replacement from S_val, augmented like training batches. S_val is
-    `val_idx` of S, or for every method but MOLERE a meta set from outside S (--meta-set folder:)."""
-    if data.x_meta is not None and run.spec.split != "splitter":
-        vi = my_share(torch.randint(len(data.y_meta), (cfg.batch_size,), device=run.device))
-        return get_batch(data, vi, augment=cfg.augment, x=data.x_meta), data.y_meta[vi]
-    vi = my_share(val_idx[torch.randint(len(val_idx), (cfg.batch_size,), device=run.device)])
-    return get_batch(data, vi, augment=cfg.augment), data.y[vi]
+def l2rw_step(run, cfg, x, y, data, val):
+    """E14, L2RW: this batch's weights from its meta-gradient at w~ = 0 (`l2rw_weights`, the JVP
+    replaying the forward's dropout masks, on a validation batch drawn after the forward), as
+    w~ = B w, mean 1 over the batch (mean_i w~_i l_i = sum_i w_i l_i); then G at those weights."""
+    logits, h, rng = classify(run, x, replay=True)
+    xv, yv = validation_batch(data, val, cfg)
+    with autocast(run.device):
+        val_loss, w = l2rw_weights(run.model, x, y, xv, yv, run.opt.param_groups[0]["lr"], rng, run.weight_grad)
+    w = w * len(y) * world()
+    G, losses = classifier_grad(run, logits, y, w)
+    return Step(x, y, h, rng, logits, G, w, losses, val_loss)
 
 
-def meta_step(run, data, cfg, batch, val_idx, stats):
-    """METHOD.md §1, middle level: phi <- phi - beta2 grad_phi L_val(theta'(phi)), with the
-    look-ahead theta' at this training batch and L_val on a batch drawn from S_val:
-        dL_val/dphi = sum_i g_i dw~_i/dphi,    g = dL_val(theta')/dw~ (METHOD.md §7),
-    exact because w~ = g_phi(h.detach(), y) does not depend on theta in the graph. g by one JVP
-    (`weight_grad_fast`, at G as the classifier step left it in p.grad) or by create_graph
-    (--meta-grad reference). The classifier update of this step still uses phi from before
-    (one-step lag, README). Under torchrun each process holds its share of both batches: G and v
-    are the whole batch's (DDP; `world_mean`), g_i is local, and the phi gradients are summed."""
-    x, y, h, rng = batch
-    xv, yv = validation_batch(run, data, cfg, val_idx)
+class ValSet(NamedTuple):
+    """S_val as validation batches draw from it: images, labels and the positions that are S_val."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    at: torch.Tensor
+
+
+def validation_set(run, data):
+    """S_val: the run's mask over S, or for every method but MOLERE the fixed meta set (--meta-set;
+    Data.x_meta), whatever its kind."""
+    if data.y_meta is not None and run.spec.split != "splitter":
+        return ValSet(data.x_meta, data.y_meta, torch.arange(len(data.y_meta), device=run.device))
+    return ValSet(data.x, data.y, run.val_mask.nonzero().squeeze(1))
+
+
+def validation_batch(data, val, cfg):
+    """B images drawn with replacement from S_val (`validation_set`), augmented like training batches."""
+    vi = my_share(val.at[torch.randint(len(val.at), (cfg.batch_size,), device=val.at.device)])
+    return data.batch(vi, cfg.augment, val.images), val.labels[vi]
+
+
+def meta_step(run, cfg, step, xv, yv):
+    """E4-E6, middle level: phi <- Adam(phi, grad_phi L_val(theta'(phi))), with the look-ahead
+    theta' = theta - alpha G at the classifier step's batch (`step`: its images, what g_phi saw,
+    its RNG state, its G) and L_val on the validation batch (xv, yv):
+        dL_val/dphi = sum_i g_i dw~_i/dphi,    g = dL_val(theta')/dw~ (E5),
+    exact because w~ = g_phi(z, y) does not depend on theta in the graph. g by one JVP
+    (`weight_grad_fast`, at the classifier step's G) or by create_graph (--meta-grad reference).
+    The classifier update of this step still uses phi from before (one-step lag, README). Under
+    torchrun each process holds its share of both batches: G and v are the whole batch's (DDP;
+    `world_mean`), g_i is local, and the phi gradients are summed. Returns L_val(theta')."""
+    x, y, z, rng, G = step.x, step.y, step.z, step.rng, step.G
     alpha = run.opt.param_groups[0]["lr"]
     with autocast(run.device):
-        w_tilde = instance_weights(run.meta, h, y, cfg.weight_norm)  # differentiable in phi
+        w_tilde = instance_weights(run.meta, z, y, cfg.weight_norm)  # E2, differentiable in phi
         if cfg.meta_grad == "fast":
-            grads = [p.grad for p in run.model.parameters()]
-            loss_val, g = run.weight_grad(run.model, x, y, grads, xv, yv, alpha, rng)
+            loss_val, g = run.weight_grad(run.model, x, y, G, xv, yv, alpha, rng)
         else:
             loss_val, g = weight_grad_reference(run.model, x, y, w_tilde, xv, yv, alpha, rng)
         phi = list(run.meta.parameters())
         for p, d in zip(phi, torch.autograd.grad(w_tilde, phi, grad_outputs=g.to(w_tilde.dtype))):
             p.grad = world_sum(d.float())  # torchrun: each process holds its share of the batch
     run.opt_meta.step()
-    stats["val_loss"].append(loss_val.float())
+    return loss_val
 
 
-def l2rw_step(run, data, cfg, idx, val_idx, stats):
-    """METHOD.md §8, L2RW: this batch's weights from a validation batch (`l2rw_weights`, the
-    JVP replaying this forward's dropout masks), then G = grad_theta sum_i w_i l_i left in p.grad.
-    Returns whether the batch has any weight (an all-zero batch makes no update), w~ = B w and
-    which labels the batch fits."""
-    x, y, rng, logits, _ = forward_batch(run, data, cfg, idx, keep_rng=True)
-    xv, yv = validation_batch(run, data, cfg, val_idx)
-    with autocast(run.device):
-        alpha = run.opt.param_groups[0]["lr"]
-        loss_val, w = l2rw_weights(run.model, x, y, xv, yv, alpha, rng, run.weight_grad)
-    w = w * len(y) * world()  # w~ with mean 1 over the batch: mean_i w~_i l_i = sum_i w_i l_i
-    fitted = weighted_backward(run, logits, y, w, w, stats)
-    stats["val_loss"].append(loss_val.float())
-    return bool(world_sum(w.sum()) > 0), w, fitted  # one host sync a step: a baseline's price
-
-
-def splitter_step(run, data, cfg, stats, val_idx):
-    """METHOD.md §2: one update of Theta from ONE eval-mode forward of B images, scored like the
-    split itself (no augmentation, so 'correct' and l_i are the classifier's clean verdicts):
+def splitter_step(run, data, cfg, val_idx):
+    """E9: one update of Theta from ONE eval-mode forward of B images, scored like the split itself
+    (no augmentation, so 'correct' and l_i are the classifier's clean verdicts):
       CE(P_Theta(train), 1[y_hat = y]) - l_val    on B/2 images of the current S_val (the paper's
                                                   update; --splitter-data all: on B images of S)
       lambda_size R_size + lambda_bal R_bal        on B/2 images drawn from all of S (all: the same B)
     Under torchrun every process makes this same step on the same B images (its terms are ratios
-    and KLs of batch means, not sums), so Theta stays the same everywhere without communication."""
+    and KLs of batch means, not sums), so Theta stays the same everywhere without communication.
+    Returns the four terms."""
     B = cfg.batch_size
     if cfg.splitter_data == "all":
         idx = torch.randint(len(data.y), (B,), device=run.device)
@@ -801,13 +710,27 @@ def splitter_step(run, data, cfg, stats, val_idx):
                          torch.randint(len(data.y), (B // 2,), device=run.device)])
         game, reg = slice(None, n_val), slice(n_val, None)
     y = data.y[idx]
-    logits, h = predict(run.fwd, data, data.x[idx], chunk=B)
+    logits, h = predict(run.model, data, data.x[idx], chunk=B, forward=run.forward)
     loss, terms = splitter_loss(run.splitter(h, y), logits.argmax(1) == y, F.cross_entropy(logits, y, reduction="none"),
                                 y, cfg.delta, data.classes, cfg.lambda_size, cfg.lambda_bal, game, reg)
     run.opt_split.zero_grad(set_to_none=True)
     loss.backward()
     run.opt_split.step()
-    for name, value in terms.items():
+    return terms
+
+
+def step_stats(stats, run, losses, w, val_loss, split_terms):
+    """Each step's numbers for the epoch's log, gathered here alone: the unweighted loss (comparable
+    across methods); for a meta level, the scale and spread of the raw weights w and their
+    correlation with the loss (which samples it favours); L_val(theta'); the splitter's terms."""
+    stats["loss"].append(losses.mean())
+    if run.reweights:
+        stats["w_mean"].append(w.mean())
+        stats["w_spread"].append(w.std() / w.mean())  # std/mean of w, the same for w~
+        stats["w_loss_corr"].append(torch.corrcoef(torch.stack([w, losses]))[0, 1])
+    if val_loss is not None:
+        stats["val_loss"].append(val_loss.float())
+    for name, value in (split_terms or {}).items():
         stats[f"split_{name}"].append(value)
 
 
@@ -820,31 +743,34 @@ def epoch_batches(run, cfg):
 
 
 def train_steps(run, data, cfg, batches, on_step=None):
-    """One classifier step per batch; every K-th step of LRW and MOLERE (every step of MW-Net and
-    L2RW) also updates phi, and for MOLERE Theta. Returns the per-step statistics averaged, by
-    name, and what the batches saw, for the frame's meta-level diagnostics (METHOD.md §8):
-    each image's raw weight w and whether its label was fitted (train mode, before its step;
-    each S_tr image once an epoch), and phi at the start."""
-    val_idx = run.val_mask.nonzero().squeeze(1)
+    """E11's inner loop, one classifier step per batch of S_tr; every K-th step (every step of
+    MW-Net and L2RW) also a meta step on phi, and for MOLERE a splitter step on Theta. Returns
+    the per-step statistics averaged, by name, and what the batches saw, for the frame's
+    meta-level diagnostics (E16): each image's raw weight w and whether its label was fitted
+    (train mode, before its step; each S_tr image once an epoch), and phi at the start."""
+    val = validation_set(run, data)
     stats = defaultdict(list)
     run.model.train()
     seen = dict(w=torch.full((len(data.y),), float("nan"), device=run.device),
                 fitted=torch.zeros(len(data.y), dtype=torch.bool, device=run.device),
                 phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]).clone())
     for done, idx in enumerate(batches, 1):
-        update = True
+        x, y = data.batch(idx, cfg.augment), data.y[idx]                # a batch of S_tr
+        meta_now = run.reweights and run.step % run.K == 0              # E7 (MW-Net, L2RW: K = 1)
+        val_loss = split_terms = None
         if run.spec.weights == "l2rw":
-            update, w, fitted = l2rw_step(run, data, cfg, idx, val_idx, stats)
+            step = l2rw_step(run, cfg, x, y, data, val)                  # E14: w from this batch's g
+            update, val_loss = bool(world_sum(step.w.sum()) > 0), step.val_loss  # all zeros: no update
         else:
-            meta_now = run.reweights and run.step % run.K == 0
-            batch, w, fitted = classifier_step(run, data, cfg, idx, stats, meta_next=meta_now)
+            step, update = classifier_step(run, cfg, x, y, replay=meta_now), True  # E1-E3
             if meta_now:
-                meta_step(run, data, cfg, batch, val_idx, stats)
+                val_loss = meta_step(run, cfg, step, *validation_batch(data, val, cfg))  # E4-E6
                 if run.spec.split == "splitter":
-                    splitter_step(run, data, cfg, stats, val_idx)
+                    split_terms = splitter_step(run, data, cfg, val.at)     # E9
         if update:
-            run.opt.step()
-        seen["w"][idx], seen["fitted"][idx] = w.float(), fitted
+            run.opt.step()                                              # E3: theta <- SGD(theta, G)
+        step_stats(stats, run, step.losses, step.w, val_loss, split_terms)
+        seen["w"][idx], seen["fitted"][idx] = step.w.float(), step.logits.detach().argmax(1) == y
         run.step += 1
         if on_step is not None:  # the frame's progress line inside an epoch: steps done, of, losses
             on_step(done, len(batches), stats["loss"])
@@ -889,7 +815,7 @@ def initial_split(method, data, delta, seed, erm_model=None):
 def molere_split(run, data, cfg):
     """METHOD.md §2, the hard split: per class, the delta-fraction of S with the highest
     P_Theta(val | x, y). Returns the new mask and what the log says about it."""
-    logits, h = predict(run.fwd, data, data.x)
+    logits, h = predict(run.model, data, data.x, forward=run.forward)
     with torch.no_grad():
         new = per_class_topk(torch.sigmoid(run.splitter(h, data.y)), data.y, cfg.delta, data.classes)
     wrong = (logits.argmax(1) != data.y).float()

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from molere import (ALL, METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
-                    margins, meta_input, per_class_topk, predict, rank, rng_state, set_rng, spread_over, train,
-                    world)
+                    margins, meta_input, per_class_topk, predict, rng_state, set_rng, train)
+from molere_world import rank, spread_over, world
 from molere_data import load_data
 from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
                        make_writable_folder, read_checkpoint, read_results, run_lock, source_version,
@@ -159,11 +159,11 @@ def train_run(cfg, rt, method, seed, data, val_mask, budget=None):
     def on_epoch(run, entry, seen):
         entry.update(epoch_diagnostics(run, data, seen))
         best = max((e["meta_acc"] for e in run.log if "meta_acc" in e), default=-1.0)
-        if fixed_meta_set(data):  # the early-stopping baseline: test accuracy at each new best meta_acc
-            entry["meta_acc"] = accuracy(predict(run.fwd, data, meta_images(data))[0], meta_labels(data))
+        if data.y_meta is not None:  # a fixed meta set: early stopping on it, test accuracy at each new best
+            entry["meta_acc"] = accuracy(predict(run.model, data, data.x_meta, forward=run.forward)[0], data.y_meta)
         if run.epoch == cfg.epochs or (rt.eval_every and run.epoch % rt.eval_every == 0) or \
                 entry.get("meta_acc", -1.0) > best:
-            last["test"], _ = predict(run.fwd, data, data.x_test)
+            last["test"], _ = predict(run.model, data, data.x_test, forward=run.forward)
             entry["test_acc"] = accuracy(last["test"], data.y_test)
         run.elapsed += time.time() - last["start"]
         entry["time_s"] = round(time.time() - last["start"], 2)
@@ -191,7 +191,7 @@ def train_run(cfg, rt, method, seed, data, val_mask, budget=None):
     if board is not None:
         board.close()
     if last["test"] is None:  # resumed from a checkpoint of the last epoch
-        last["test"], _ = predict(run.fwd, data, data.x_test)
+        last["test"], _ = predict(run.model, data, data.x_test, forward=run.forward)
     return run, result_record(run, data, cfg, rt, last["test"])
 
 
@@ -220,19 +220,6 @@ class StepProgress:
                 f"{(done - 1) * self.cfg.batch_size / max(spent, 1e-9):.0f} img/s | loss {float(losses[-1]):.3f} | "
                 f"epoch ETA {eta // 60}:{eta % 60:02d}")
         print("\r\033[K" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
-
-
-def fixed_meta_set(data):
-    """Whether the run has a fixed meta set (--meta-set clean:N, outside:N or folder:PATH)."""
-    return data.x_meta is not None or (data.meta_mask is not None and bool(data.meta_mask.any()))
-
-
-def meta_images(data):
-    return data.x_meta if data.x_meta is not None else data.x[data.meta_mask]
-
-
-def meta_labels(data):
-    return data.y_meta if data.y_meta is not None else data.y[data.meta_mask]
 
 
 def best_on_meta_set(log):
@@ -287,7 +274,7 @@ def epoch_diagnostics(run, data, seen):
 def result_record(run, data, cfg, rt, test_logits):
     """One finished run: config, log, test accuracy and margins, and on S (eval mode) the fit,
     margins and learned weights that the analysis reads."""
-    train_logits, h = predict(run.fwd, data, data.x)  # the regime check: how well S is fitted
+    train_logits, h = predict(run.model, data, data.x, forward=run.forward)  # the regime check: how well S is fitted
     rounded = lambda t: [round(v, 4) for v in t.tolist()]
     with torch.no_grad():  # L2RW has no weight for an image outside a batch
         weights = rounded(instance_weights(run.meta, meta_input(run, h, train_logits, data.y), data.y, "none")) \
@@ -405,7 +392,7 @@ def fail(msg):
 def join_torchrun(args, cfg):
     """Under torchrun (WORLD_SIZE > 1), join the process group (NCCL on GPUs, gloo on the CPU) and
     return this process's device: cuda:LOCAL_RANK, or the CPU. Each process takes its 1/N share
-    of every batch (molere.my_share); only rank 0 prints and writes. None in a plain run."""
+    of every batch (molere_world.my_share); only rank 0 prints and writes. None in a plain run."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n == 1:
         return None

@@ -4,9 +4,11 @@ for every seed and method (METHOD.md §§5, 6 and 8): the source (a synthetic de
 memory, CIFAR-10/100, the packed CIFAR-10 subset, or any image folder), a class-balanced subset,
 class skew (the paper's Table 2), label noise (Table 3 and the noisy-label anchor) and a meta set
 (clean images of S, images of the source beyond S, or an image folder of the user's: Table 4's
-natural hard examples); and the spurious set of the hard-samples known answer (`make_spurious`). What
-training does with it is molere.get_batch: CIFAR stays on the device as uint8 (crop and flip done
-there, no DataLoader); a folder is read from disk by `FolderImages`.
+natural hard examples); and the spurious set of the hard-samples known answer (`make_spurious`).
+`Data` is all the method sees of it: batches of images by index (`Data.batch`: CIFAR stays on the
+device as uint8, crop and flip done there, no DataLoader; a folder is read from disk by
+`FolderImages`), the labels, and the fixed meta set as images and labels of its own, whatever its
+kind.
 """
 import hashlib
 import math
@@ -313,13 +315,34 @@ class Data:
     mean: torch.Tensor     # per-channel pixel statistics of S, for normalisation
     std: torch.Tensor
     y_true: torch.Tensor   # labels before --noise (= y without it)
-    meta_mask: torch.Tensor = None  # --meta-set clean:N: the fixed clean S_val
+    meta_mask: torch.Tensor = None  # --meta-set: which images of S the meta set takes out of training
     noisy: torch.Tensor = None      # --noise: which labels of S it flipped (y != y_true)
-    x_meta: FolderImages = None     # --meta-set folder:PATH: S_val from outside S (meta_mask: none of S)
-    y_meta: torch.Tensor = None
+    x_meta: torch.Tensor = None     # --meta-set: the fixed meta set's images, whatever its kind (clean:N:
+    y_meta: torch.Tensor = None     # images of S, true labels; outside:N, folder:PATH: none of S); or None
     fingerprint: dict = None        # what a checkpoint must find again on --resume (`fingerprint`)
     minority: torch.Tensor = None       # --dataset spurious: which images of S are minority (tint of another class)
     minority_test: torch.Tensor = None  # and which test images
+
+    def batch(self, idx, augment, images=None):
+        """Images `idx` of S (or of `images`: the test set, the meta set) as a normalised float
+        batch on the device; with `augment`, random crop (reflect pad 4) and horizontal flip done
+        for the whole batch at once, no DataLoader. Images in a folder (--dataset folder:PATH,
+        `FolderImages`) are read from disk and transformed there."""
+        source = self.x if images is None else images
+        if not torch.is_tensor(source):
+            return source.load(idx, augment)
+        x = source[idx].float()
+        if augment:
+            b, c, h, w = x.shape
+            x = F.pad(x, (4, 4, 4, 4), mode="reflect")
+            dy, dx = (torch.randint(0, 9, (2, b), device=x.device))
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            x = x[torch.arange(b, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+            x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+        x = (x / 255 - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
@@ -413,8 +436,11 @@ def load_data(cfg, device, data_root="data", download=True, workers=0):
         mean, std = xf.mean((0, 2, 3)), xf.std((0, 2, 3))
     else:  # a folder's images are normalised as they are read (FolderImages)
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    prints = fingerprint(x, y, y_true, xt, yt, meta_mask, x_meta, y_meta)
+    if cfg.meta_set.startswith("clean:"):  # one kind of meta set for the method: images and labels
+        at = meta_mask.nonzero().squeeze(1)
+        x_meta, y_meta = x[at], y[at]
     dev = lambda t: None if t is None else t.to(device)
     return Data(dev(x), dev(y), dev(xt), dev(yt), classes, dev(mean.view(1, 3, 1, 1)), dev(std.view(1, 3, 1, 1)),
                 dev(y_true), dev(meta_mask), dev(y != y_true) if cfg.noise != "none" else None,
-                dev(x_meta), dev(y_meta), fingerprint(x, y, y_true, xt, yt, meta_mask, x_meta, y_meta),
-                dev(minority), dev(minority_test))
+                dev(x_meta), dev(y_meta), prints, dev(minority), dev(minority_test))

@@ -7,6 +7,7 @@ molere.py reads as the method:
   torch.compile     with a one-line fallback to eager where it cannot compile (`Compiled`)
   checkpoints       written atomically with the previous epoch's kept; loaded weights_only
   result records    one JSON line per finished run, appended under a lock, torn lines skipped
+  other classifiers the CIFAR ResNet-32 and any torchvision model (--arch), beside the Wide-ResNet
 and the errors the CLI turns into one line.
 """
 import contextlib
@@ -23,6 +24,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 
@@ -254,6 +256,50 @@ def _input_size_problem(cfg):
     least = max(next(iter(torchvision.models.get_model_weights(name))).meta.get("min_size", (1, 1)))
     return side >= least, (f"--arch tv:{name} needs images of at least {least} x {least} pixels; it would see "
                            f"{side} x {side} ({'--image-size' if cfg.dataset.startswith('folder:') else 'CIFAR'})")
+
+
+def other_classifier(cfg, classes):
+    """f_theta for --arch resnet32 | tv:NAME (molere.make_model builds the Wide-ResNet itself)."""
+    if cfg.arch == "resnet32":
+        return ResNet32(classes)
+    size = cfg.image_size if cfg.dataset.startswith("folder:") else 32  # CIFAR: 32 x 32
+    return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, size), classes)
+
+
+class ResNet32(nn.Module):
+    """He et al.'s CIFAR ResNet-32 (--arch resnet32): 3 stages of 5 post-activation basic blocks,
+    16/32/64 channels, parameter-free shortcuts (stride 2, zero-padded channels): 0.46M
+    parameters. Like WideResNet, forward returns (logits, h) and `features` is h's width."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for i, cout in enumerate((16, 32, 64)):
+            for j in range(5):
+                stride = 2 if i and not j else 1
+                layers.append(nn.ModuleDict(dict(
+                    conv1=nn.Conv2d(cin, cout, 3, stride, 1, bias=False), bn1=nn.BatchNorm2d(cout),
+                    conv2=nn.Conv2d(cout, cout, 3, 1, 1, bias=False), bn2=nn.BatchNorm2d(cout))))
+                cin = cout
+        self.layers = nn.ModuleList(layers)
+        self.fc = nn.Linear(64, classes)
+        self.features = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        for b in self.layers:
+            y = F.relu(b.bn1(b.conv1(x)))
+            y = b.bn2(b.conv2(y))
+            if y.shape != x.shape:  # downsample, and pad the new channels with zeros
+                x = x[:, :, ::2, ::2]
+                x = F.pad(x, (0, 0, 0, 0, (y.shape[1] - x.shape[1]) // 2, (y.shape[1] - x.shape[1]) // 2))
+            x = F.relu(y + x)
+        h = x.mean((2, 3))
+        return self.fc(h), h
 
 
 class Torchvision(nn.Module):

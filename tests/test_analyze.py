@@ -109,7 +109,6 @@ def test_meta_signal_measure_against_the_reference_and_a_real_step(tmp_path):
     from helpers import fresh_seed, meta_grad_reference
     from tools import meta_signal
     import molere
-    from collections import defaultdict
     torch.manual_seed(fresh_seed())
     _, cfg, rt, data = molere_cli.setup(["--dataset", "synthetic", "--train-subset", "200", "--depth", "10",
                                          "--width", "1", "--dropout", "0", "--epochs", "2", "--batch-size", "20",
@@ -123,9 +122,11 @@ def test_meta_signal_measure_against_the_reference_and_a_real_step(tmp_path):
     _, alignment, _, d, ideal = meta_signal.measure(run, data, cfg, pairs)
     for (idx, _), row in zip(pairs, d):
         torch.manual_seed(int(idx[0]))  # as measure draws them
-        (x, y, h, rng), _, _ = molere.classifier_step(run, data, cfg, idx, defaultdict(list), meta_next=True)
-        xv, yv = molere.validation_batch(run, data, cfg, val_idx)
-        _, ref = meta_grad_reference(run.model, run.meta, x, y, h, xv, yv, run.opt.param_groups[0]["lr"], rng)
+        x, y = data.batch(idx, cfg.augment), data.y[idx]
+        step = molere.classifier_step(run, cfg, x, y, replay=True)
+        xv, yv = molere.validation_batch(data, molere.validation_set(run, data), cfg)
+        _, ref = meta_grad_reference(run.model, run.meta, x, y, step.z, xv, yv, run.opt.param_groups[0]["lr"],
+                                     step.rng)
         ref = torch.cat([t.flatten() for t in ref])  # float32 both ways: equal up to rounding, as a vector
         assert (row - ref).norm() <= 1e-3 * ref.norm() and ref.norm() > 0, ((row - ref).norm(), ref.norm())
     assert abs(alignment) > 0.05, alignment  # a measurable direction (the step below must show it)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import molere
 import molere_data
 import molere_io
+import molere_world
 from helpers import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
@@ -49,7 +50,7 @@ def train_all(out, batch_size):
         molere.train(run, data, cfg)
         nets[method] = {k: getattr(run, k).state_dict() for k in ("model", "meta", "splitter")}
         nets[method]["val_mask"] = run.val_mask
-    if molere.rank() == 0:
+    if molere_world.rank() == 0:
         torch.save(nets, out)
 
 
@@ -57,7 +58,7 @@ def process(rank, world, init, out, batch_size):
     torch.set_num_threads(1)
     molere.make_model = lambda cfg, classes: NoNormNet(classes)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    molere.spread_over()
+    molere_world.spread_over()
     try:
         train_all(out, batch_size)
     finally:
@@ -89,11 +90,11 @@ def own_group(rank, init, out):
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
         t = torch.tensor([float(rank + 1)], requires_grad=True)
-        alone = (molere.world(), molere.rank(), molere.world_mean(t).item(), molere.my_share(torch.arange(4)).tolist())
-        molere.spread_over()
-        mean = molere.world_mean(t)
+        alone = (molere_world.world(), molere_world.rank(), molere_world.world_mean(t).item(), molere_world.my_share(torch.arange(4)).tolist())
+        molere_world.spread_over()
+        mean = molere_world.world_mean(t)
         mean.backward()  # d(mean over both)/dt_this, summed over both processes' means: 2 x 1/2
-        spread = (molere.world(), molere.rank(), mean.item(), molere.my_share(torch.arange(4)).tolist(), t.grad.item())
+        spread = (molere_world.world(), molere_world.rank(), mean.item(), molere_world.my_share(torch.arange(4)).tolist(), t.grad.item())
         torch.save((alone, spread), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()

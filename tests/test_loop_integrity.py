@@ -4,7 +4,6 @@ uphill, a weight normalisation dropped in the look-ahead only, a splitter object
 term, the initial lr as the look-ahead step, a validation batch from all of S, a re-split keeping
 the wrong samples, MW-Net's loss with the wrong labels, noise "flipping" a label to itself)."""
 import copy
-from collections import defaultdict
 
 import pytest
 import torch
@@ -35,14 +34,14 @@ def test_meta_step_moves_phi_down_the_reference_meta_gradient_at_the_scheduled_l
     eta = 0.5
     run.opt_meta = torch.optim.SGD(run.meta.parameters(), lr=eta)
     idx = molere.epoch_batches(run, cfg)[0]
-    batch, _, _ = molere.classifier_step(run, data, cfg, idx, defaultdict(list), meta_next=True)
-    x, y, h, rng = batch
+    x, y = data.batch(idx, cfg.augment), data.y[idx]
+    step = molere.classifier_step(run, cfg, x, y, replay=True)
     meta_before, state = copy.deepcopy(run.meta), torch.get_rng_state()
-    molere.meta_step(run, data, cfg, batch, val_idx, defaultdict(list))
+    molere.meta_step(run, cfg, step, *molere.validation_batch(data, molere.validation_set(run, data), cfg))
     torch.set_rng_state(state)  # the reference draws the same validation batch, from S_val
     vi = val_idx[torch.randint(len(val_idx), (cfg.batch_size,))]
-    xv, yv = molere.get_batch(data, vi, augment=cfg.augment), data.y[vi]
-    _, ref = meta_grad_reference(run.model, meta_before, x, y, h, xv, yv, alpha, rng, "batch")
+    xv, yv = data.batch(vi, cfg.augment), data.y[vi]
+    _, ref = meta_grad_reference(run.model, meta_before, x, y, step.z, xv, yv, alpha, step.rng, "batch")
     step = flat(run.meta.parameters()) - flat(meta_before.parameters())
     assert flat(ref).norm() > 1e-7
     # float32, fast path against create_graph: about 1e-5 of the whole vector, up to 2e-3 where
@@ -65,7 +64,7 @@ def test_splitter_step_descends_its_loss_e9_on_the_right_images():
     eta = 0.3
     run.opt_split = torch.optim.SGD(run.splitter.parameters(), lr=eta)
     before, state = copy.deepcopy(run.splitter).double(), torch.get_rng_state()
-    molere.splitter_step(run, data, cfg, defaultdict(list), val_idx)
+    molere.splitter_step(run, data, cfg, val_idx)
     torch.set_rng_state(state)
     B, n_val = cfg.batch_size, cfg.batch_size - cfg.batch_size // 2
     idx = torch.cat([val_idx[torch.randint(len(val_idx), (n_val,))], torch.randint(len(data.y), (B // 2,))])
@@ -115,15 +114,12 @@ def test_mwn_weight_net_sees_each_samples_loss_with_its_own_label():
     cfg, data, run = small_run("mwn", seed, dropout=0.0)
     run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
     idx = molere.epoch_batches(run, cfg)[0]
-    state = torch.get_rng_state()
-    (x, y, h, _), w, _ = molere.classifier_step(run, data, cfg, idx, defaultdict(list), meta_next=True)
-    torch.set_rng_state(state)
-    xb = molere.get_batch(data, idx, augment=cfg.augment)  # the same augmented images
-    assert torch.equal(xb, x) and torch.equal(y, data.y[idx])
-    logits = run.model(xb)[0]  # train mode, batch statistics: the forward the step made
-    torch.testing.assert_close(h.squeeze(1), F.cross_entropy(logits, data.y[idx], reduction="none"),
+    x, y = data.batch(idx, cfg.augment), data.y[idx]
+    step = molere.classifier_step(run, cfg, x, y, replay=True)
+    logits = run.model(x)[0]  # train mode, batch statistics: the forward the step made
+    torch.testing.assert_close(step.z.squeeze(1), F.cross_entropy(logits, y, reduction="none"),
                                rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w, torch.sigmoid(run.meta(h, y)))
+    torch.testing.assert_close(step.w, torch.sigmoid(run.meta(step.z, y)))
 
 
 @pytest.mark.parametrize("p", [0.2, 0.9])
@@ -162,14 +158,14 @@ def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
 def test_no_validation_image_ever_enters_a_classifier_batch(tmp_path, monkeypatch, method):
     seed = fresh_seed()
     cfg, data, _ = small_run(method, seed, epochs=3)
-    seen = []
-    real_step = molere.classifier_step
+    seen, real_batch = [], data.batch
 
-    def recording_step(run, data, cfg, idx, stats, meta_next=False):
-        seen.append((run.epoch, idx.clone(), run.val_mask.clone()))
-        return real_step(run, data, cfg, idx, stats, meta_next)
+    def recording_batch(idx, augment, images=None):  # images None: a batch of S for a classifier step
+        if images is None:
+            seen.append((run.epoch, idx.clone(), run.val_mask.clone()))
+        return real_batch(idx, augment, images)
 
-    monkeypatch.setattr(molere, "classifier_step", recording_step)
+    monkeypatch.setattr(data, "batch", recording_batch)
     erm = molere.WideResNet(10, 1, data.classes, 0.0)  # any model gives margins for the split
     run = molere.Run(cfg, method, seed, data, torch.device("cpu"))
     run.val_mask = molere.initial_split(method, data, cfg.delta, seed, erm)
@@ -197,11 +193,11 @@ def test_splitter_game_terms_see_only_validation_images(monkeypatch, splitter_da
     val_idx = run.val_mask.nonzero().squeeze(1)
     seen, parts = [], {}
     real_predict, real_game, real_reg = molere.predict, molere.splitter_game_terms, molere.splitter_regularizers
-    monkeypatch.setattr(molere, "predict", lambda net, d, x, chunk=1000: seen.append(x.clone()) or real_predict(net, d, x, chunk))
+    monkeypatch.setattr(molere, "predict", lambda net, d, x, chunk=1000, **kw: seen.append(x.clone()) or real_predict(net, d, x, chunk, **kw))
     monkeypatch.setattr(molere, "splitter_game_terms", lambda logit, *a: parts.setdefault("game", len(logit)) and real_game(logit, *a))
     monkeypatch.setattr(molere, "splitter_regularizers", lambda logit, *a: parts.setdefault("reg", len(logit)) and real_reg(logit, *a))
     before = [p.clone() for p in run.splitter.parameters()]
-    molere.splitter_step(run, data, cfg, defaultdict(list), val_idx)
+    molere.splitter_step(run, data, cfg, val_idx)
     assert any(not torch.equal(a, b) for a, b in zip(before, run.splitter.parameters()))
     (x,) = seen  # one classifier forward for the whole step
     val_images = {bytes(img.numpy()) for img in data.x[val_idx]}

@@ -176,7 +176,7 @@ def test_mwn_weight_net_gets_the_exact_meta_gradient(weight_norm):
     """Meta-Weight-Net's weight net sees the detached per-sample loss; fast = reference in float64
     (on ResNet-32, the architecture of the MW-Net literature)."""
     fresh_seed()
-    model = molere.ResNet32(5).double()
+    model = molere_io.ResNet32(5).double()
     meta = molere.LossNet(9).double()
     x, xv = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randn(8, 3, 8, 8, dtype=torch.float64)
     y, yv = torch.randint(0, 5, (8,)), torch.randint(0, 5, (8,))
@@ -326,7 +326,7 @@ def test_label_noise_and_the_clean_meta_set(kind):
 
 
 def test_resnet32_has_the_papers_size_and_returns_features():
-    model = molere.ResNet32(10)
+    model = molere_io.ResNet32(10)
     assert sum(p.numel() for p in model.parameters()) == 464_154  # He et al.'s 0.46M
     logits, h = model(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 10) and h.shape == (3, model.features)

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +81,9 @@ def profile_meta_step(cfg, rt, data, repeats=5):
     run = molere.Run(cfg, "molere", 0, data, rt.device, rt.compile)
     run.val_mask = molere.random_split(data, cfg.delta, 0)
     idx, val_idx = batches(run, cfg, 1)[0], run.val_mask.nonzero().squeeze(1)
-    stats = defaultdict(list)
-    batch, _, _ = molere.classifier_step(run, data, cfg, idx, stats, meta_next=True)
-    x, y, h, rng = batch
-    grads = [p.grad.clone() for p in run.model.parameters()]
+    x, y = data.batch(idx, cfg.augment), data.y[idx]
+    step = molere.classifier_step(run, cfg, x, y, replay=True)
+    grads, rng, val = [g.clone() for g in step.G], step.rng, molere.validation_set(run, data)
 
     losses, loss_jvp = ((molere_io.Compiled(molere.per_sample_losses), molere_io.Compiled(molere.loss_jvp))
                         if rt.compile else (molere.per_sample_losses, molere.loss_jvp))
@@ -102,16 +100,14 @@ def profile_meta_step(cfg, rt, data, repeats=5):
             loss_jvp(run.model, params, dict(zip(params, grads)), x, y)
 
     def meta():
-        for p, g in zip(run.model.parameters(), grads):
-            p.grad = g
-        molere.meta_step(run, data, cfg, batch, val_idx, stats)
+        molere.meta_step(run, cfg, step._replace(G=grads), *molere.validation_batch(data, val, cfg))
 
     parts = {
-        "classifier step (forward + backward)": lambda: molere.classifier_step(run, data, cfg, idx, stats),
+        "classifier step (forward + backward)": lambda: molere.classifier_step(run, cfg, x, y),
         "look-ahead validation forward + backward": lookahead,
         "JVP of the per-sample losses (dropout replayed)": jvp,
         "whole meta step (look-ahead + JVP + dw/dphi + Adam)": meta,
-        "splitter step": lambda: molere.splitter_step(run, data, cfg, stats, val_idx),
+        "splitter step": lambda: molere.splitter_step(run, data, cfg, val_idx),
     }
     print(f"| part of a MOLERE step ({'bf16 autocast, channels_last' if rt.device.type == 'cuda' else 'fp32'}"
           f"{', compiled classifier and meta step' if rt.compile else ''}) | time |\n|---|---|")

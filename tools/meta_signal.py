@@ -19,7 +19,6 @@ Training numbers only (the known flips of the pool and the meta set); no test im
 """
 import argparse
 import math
-from collections import defaultdict
 from dataclasses import replace
 
 import torch
@@ -53,12 +52,11 @@ def measure(run, data, cfg, pairs):
     d, gs = [], []
     for idx, val_idx in pairs:
         torch.manual_seed(int(idx[0]))  # the same dropout masks and validation batch for every net
-        batch, _, _ = molere.classifier_step(run, data, cfg, idx, defaultdict(list), meta_next=True)
-        x, y, h, rng = batch
-        xv, yv = molere.validation_batch(run, data, cfg, val_idx)
-        w_tilde = molere.instance_weights(run.meta, h, y, cfg.weight_norm)
-        grads = [p.grad for p in run.model.parameters()]
-        _, g = molere.weight_grad_fast(run.model, x, y, grads, xv, yv, run.opt.param_groups[0]["lr"], rng)
+        x, y = data.batch(idx, cfg.augment), data.y[idx]
+        step = molere.classifier_step(run, cfg, x, y, replay=True)
+        xv, yv = molere.validation_batch(data, molere.ValSet(data.x, data.y, val_idx), cfg)
+        w_tilde = molere.instance_weights(run.meta, step.z, y, cfg.weight_norm)
+        _, g = molere.weight_grad_fast(run.model, x, y, step.G, xv, yv, run.opt.param_groups[0]["lr"], step.rng)
         d.append(torch.cat([t.flatten() for t in torch.autograd.grad(w_tilde, phi, grad_outputs=g)]))
         gs.append((idx, g))
     d = torch.stack(d)
