@@ -75,7 +75,8 @@ def test_installed_package_runs_the_readme_examples_from_outside(tmp_path):
                             "--target", str(target), str(source)], capture_output=True, text=True, cwd=work)
     assert build.returncode == 0, build.stderr[-2000:]
     top = {name.split(".")[0] for name in os.listdir(target) if not name.endswith((".dist-info", "__pycache__"))}
-    assert top == {"molere", "molere_cli", "molere_data", "molere_io", "molere_report", "molere_kernels", "bin"}, top
+    assert top == {"molere", "molere_cli", "molere_data", "molere_io", "molere_report", "molere_world", "molere_kernels",
+                   "bin"}, top
     files = []
     for name, code in (("meta.py", readme_code()), ("split.py", readme_code("splitter")), ("check.py", OUTSIDE)):
         (work / name).write_text(code)

@@ -26,7 +26,7 @@ def equation_names(method_md):
     own only (a `module.name` elsewhere is not in molere.py)."""
     names = set()
     for line in method_md.splitlines():
-        cells = [c.strip() for c in line.split("|")]
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)]  # "\|" inside a cell is a character
         if len(cells) > 4 and re.fullmatch(r"E\d+", cells[1]):
             names |= {n for n in re.findall(r"`([A-Za-z_][\w.]*)`", cells[3])
                   if "." not in n and not keyword.iskeyword(n)}  # `class`: a value, not a name
