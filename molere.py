@@ -78,8 +78,10 @@ METHODS = {
     "mwn": Method("random", "loss", every_step=True, role="baseline", meta_wd=1e-4),  # Shu et al. 2019
     "l2rw": Method("random", "l2rw", every_step=True, role="baseline"),  # Ren et al. 2018
     "erm-cb": Method("none", "class", role="baseline"),  # class-balanced ERM: does a meta level beat the prior?
+    "erm-hard": Method("low-margin", "none", role="control"),  # ERM on LRW-Hard's S_tr (RESULTS 9.2's control)
 }
-ALL = [m for m, spec in METHODS.items() if spec.role != "baseline"]  # --method all: the paper's, the control
+ALL = [m for m, spec in METHODS.items() if spec.role != "baseline" and m != "erm-hard"]  # --method all: the
+# paper's and ERM-tr; erm-hard (what holding the hard split out costs) is run by name
 ROLE = {m: spec.role for m, spec in METHODS.items() if spec.role}  # how tables label the others
 NEEDS_ERM = [m for m, spec in METHODS.items() if spec.split.endswith("margin")]  # train-twice: ERM first
 

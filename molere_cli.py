@@ -350,8 +350,9 @@ def build_parser():
         formatter_class=Help)
     a = p.add_argument
     a("--method", default="all", help="erm | erm-tr (control) | lrw-random | lrw-easy | lrw-hard | molere | "
-      "mwn | l2rw | erm-cb (baselines; erm-cb: ERM weighted by 1 / n_class) | all, or a comma list (all: every "
-      "method but the baselines; ERM once per seed, reused for the train-twice margins)")
+      "mwn | l2rw | erm-cb (baselines; erm-cb: ERM weighted by 1 / n_class) | erm-hard (control: ERM on "
+      "LRW-Hard's S_tr) | all, or a comma list (all: every method but the baselines and erm-hard; ERM once per "
+      "seed, reused for the train-twice margins)")
     a("--seeds", type=int, nargs="+", default=[0], help="training seeds; each repeats every method")
     a("--data-root", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
     a("--no-download", action="store_true", help="never try to download missing CIFAR files (without this flag: "

@@ -225,6 +225,10 @@ case "$cmd" in
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${SPURIOUS[@]}" "${SEEDS9[@]}" \
       --method erm,erm-tr,lrw-random,lrw-hard,molere --out results/spurious "$@"
     "$PY" -m tools.analyze results/spurious/results.jsonl --figures results/spurious --into RESULTS.md ;;
+  spurious-control)  # RESULTS.md section 9.2's control: ERM on LRW-Hard's S_tr (the study's ERM checkpoints split)
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- "${SPURIOUS[@]}" "${SEEDS9[@]}" \
+      --method erm-hard --out results/spurious "$@"
+    "$PY" -m tools.analyze results/spurious/results.jsonl --figures results/spurious --into RESULTS.md ;;
   spurious-pilots)  # RESULTS.md section 9.2, pilot: the generator's cue strengths, on held-out training images
     out=results/spurious-pilots
     pilot() { "$PY" -m tools.spurious_pilot --minority 0.2 --tint 0.5 --shape "$1" --noise "$2" -- --dataset spurious \

@@ -182,7 +182,7 @@ def test_cli_help_and_exit_code_in_a_real_process():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "molere.py: error: unknown --method 'nope': choose from erm, erm-tr, lrw-random, lrw-easy, lrw-hard, molere, "
-        "mwn, l2rw, erm-cb, all, or a comma list of methods"]
+        "mwn, l2rw, erm-cb, erm-hard, all, or a comma list of methods"]
 
 
 def test_torn_result_record_is_skipped_and_reported_again(tmp_path, capsys):

@@ -137,3 +137,27 @@ def test_records_carry_the_subpopulations_and_the_classes(tmp_path, capsys):
     for c in range(10):  # a margin rounded to 0.0000 may be a fit or not: between the two counts
         sure, tied = float((margin[ys == c] > 0).float().mean()), float((margin[ys == c] == 0).float().mean())
         assert 100 * sure - 0.01 <= hard["train_acc_by_class"][c] <= 100 * (sure + tied) + 0.01
+
+
+def test_erm_hard_is_erm_on_lrw_hards_training_split():
+    """RESULTS 9.2's control: the same per-class split of lowest ERM margin as LRW-Hard (any model
+    gives margins), weights 1 (G is plain cross-entropy's), and not part of --method all."""
+    seed = fresh_seed()
+    cfg, data, run = small_run("erm-hard", seed, augment=False)
+    erm = molere.WideResNet(10, 1, data.classes, 0.0)
+    hard = molere.initial_split("lrw-hard", data, cfg.delta, seed, erm)
+    run.val_mask = molere.initial_split("erm-hard", data, cfg.delta, seed, erm)
+    assert torch.equal(run.val_mask, hard) and 0 < int(hard.sum()) < len(data.y)
+    pm = molere.margins(molere.predict(erm, data, data.x)[0], data.y)
+    for c in range(data.classes):  # within each class, every held-out image has a margin below every kept one
+        in_c = data.y == c
+        assert pm[in_c & hard].max() <= pm[in_c & ~hard].min() + 1e-6
+    idx = molere.epoch_batches(run, cfg)[0]
+    assert not hard[idx].any()
+    x = data.batch(idx, augment=False)
+    got = [g.clone() for g in molere.classifier_step(run, cfg, x, data.y[idx]).G]
+    run.model.zero_grad()
+    F.cross_entropy(run.model(x)[0].double(), data.y[idx]).backward()
+    for g, p in zip(got, run.model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    assert "erm-hard" not in molere.ALL and "erm-tr" in molere.ALL

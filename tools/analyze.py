@@ -137,6 +137,9 @@ FAMILIES = {
     "hard samples (minority test accuracy)": (
         lambda r: r.get("test_acc_minority"),
         [("lrw-hard", "lrw-random"), ("molere", "lrw-random"), ("lrw-hard", "erm"), ("molere", "erm")]),
+    "hard samples, the control: holding out or weighting (minority test accuracy)": (
+        lambda r: r.get("test_acc_minority"),
+        [("lrw-hard", "erm-hard"), ("erm-hard", "erm")]),
     "class skew (overall test accuracy)": (
         lambda r: r["test_acc"] if r["config"].get("imbalance", 1) > 1 else None,
         [("mwn", "erm-cb"), ("lrw-random", "erm-cb"), ("molere", "erm-cb"), ("molere", "mwn")]),
