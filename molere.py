@@ -26,7 +26,7 @@ import functools
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -87,79 +87,50 @@ NEEDS_ERM = [m for m, spec in METHODS.items() if spec.split.endswith("margin")] 
 
 
 
-def knob(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class Config:
     """Everything that defines a run's numbers, and nothing else (where and how a run executes
     is apart, in molere_cli.Runtime). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
     standard recipe. Stored with every checkpoint and result (molere_cli.config_record); every
-    field is a CLI flag."""
-    dataset: str = knob("cifar100", "synthetic | spurious (the hard-samples known answer) | cifar10 | cifar100 | "
-                                    "packed (the CIFAR-10 subset that tools/pack.py writes to --data-root, for "
-                                    "a GPU machine) | folder:PATH "
-                                    "(PATH/train/<class>/* and PATH/test/<class>/*, read from disk)")
-    image_size: int = knob(224, "--dataset folder:PATH: the side of the images the network sees (ImageNet's "
-                                "transforms: random resized crop and flip; resize and centre crop to test)")
-    train_subset: int = knob(0, "train on a fixed class-balanced subset of this many images (0: all of S)")
+    field is a CLI flag, its full help in molere_cli.HELP (python molere.py --help)."""
+    dataset: str = "cifar100"  # synthetic | spurious | cifar10 | cifar100 | packed | folder:PATH
+    image_size: int = 224  # folder:PATH: the side of the images the network sees
+    train_subset: int = 0  # a fixed class-balanced subset of S of this size (0: all of S)
     # classifier: Wide-ResNet and the standard CIFAR recipe (METHOD.md §6)
-    depth: int = knob(28, "Wide-ResNet depth, 6n+4")
-    width: int = knob(10, "Wide-ResNet widening factor k")
-    dropout: float = knob(0.3, "dropout between the two convs of a block")
-    epochs: int = knob(200, "epochs over the classifier's training split")
-    batch_size: int = knob(128, "classifier, validation and splitter batch size")
-    lr: float = knob(0.1, "classifier SGD learning rate (also alpha of the look-ahead)")
-    momentum: float = knob(0.9, "classifier SGD Nesterov momentum")
-    wd: float = knob(5e-4, "classifier weight decay")
-    milestones: tuple = knob((0.3, 0.6, 0.8), "fractions of --epochs at which the lr is scaled by --gamma")
-    gamma: float = knob(0.2, "learning-rate decay factor at each milestone")
+    depth: int = 28  # Wide-ResNet depth, 6n+4
+    width: int = 10  # Wide-ResNet widening factor k
+    dropout: float = 0.3  # between the two convs of a block
+    epochs: int = 200  # over the classifier's training split
+    batch_size: int = 128  # classifier, validation and splitter batches
+    lr: float = 0.1  # classifier SGD, also the look-ahead's alpha
+    momentum: float = 0.9  # Nesterov
+    wd: float = 0.0005  # classifier weight decay
+    milestones: tuple = (0.3, 0.6, 0.8)  # fractions of epochs where the lr is scaled by gamma
+    gamma: float = 0.2  # the lr's decay at each milestone
     # LRW and MOLERE
-    delta: float = knob(0.1, "validation fraction delta, in (0, 0.5]")
-    K: int = knob(5, "meta-network and splitter update every K classifier steps (see --meta-steps-min)")
-    meta_steps_min: int = knob(540, "a run makes at least this many meta steps: K is lowered (to 1 at the "
-                                    "least) where --epochs x steps an epoch / K is fewer; 0: K as given")
-    meta_grad: str = knob("fast", "fast (one JVP, no double backward) | reference (create_graph)")
-    weight_norm: str = knob("batch", "batch (w / mean w over the batch, as L2RW and MW-Net's "
-                                     "class-imbalance code) | none (the paper's literal sum; MW-Net's "
-                                     "noisy-label script)")
-    meta_lr: float = knob(1e-3, "Adam learning rate of the meta-network g_phi (see --meta-lr-per)")
-    meta_lr_per: str = knob("step", "what --meta-lr is per: meta-step (Adam's lr is --meta-lr) | step (per "
-                                    "classifier step: Adam's lr is --meta-lr x the classifier steps between "
-                                    "two meta steps, K, so phi may move as far per epoch at any K)")
-    split_lr: float = knob(1e-3, "Adam learning rate of the splitter P_Theta")
-    hidden: int = knob(100, "hidden units of the meta-network and the splitter")
-    meta_input: str = knob("features+loss", "what our meta-network g_phi sees: features+loss ([h(x), "
-                                            "onehot(y)] and the sample's detached loss) | features ([h(x), "
-                                            "onehot(y)] only: before 2026-11-29; RESULTS section 7)")
-    meta_init: str = knob("loss-first", "how g_phi's first layer starts: loss-first (with --meta-input "
-                                        "features+loss: its weights on h and y start at 0, so g_phi starts as "
-                                        "a function of the loss alone) | uniform (torch's default everywhere)")
-    warmup_epochs: int = knob(25, "MOLERE: epochs on a random split before the splitter's")
-    resplit_every: int = knob(5, "MOLERE: recompute the hard split every R epochs")
-    lambda_size: float = knob(1.0, "weight of the splitter's size regularizer")
-    lambda_bal: float = knob(1.0, "weight of the splitter's label-balance regularizer")
-    splitter_data: str = knob("val", "val (CE and -l_val on a batch of the current S_val, as the paper's "
-                                     "update) | all (on a batch of S, the first study's reading)")
-    augment: bool = knob(True, "random crop and flip for training and validation batches")
+    delta: float = 0.1  # validation fraction, in (0, 0.5]
+    K: int = 5  # phi and Theta every K classifier steps (E7)
+    meta_steps_min: int = 540  # K lowered so a run makes at least this many meta steps
+    meta_grad: str = "fast"  # fast (one JVP) | reference (create_graph)
+    weight_norm: str = "batch"  # batch: w~ = w / mean w (E2) | none
+    meta_lr: float = 0.001  # Adam's lr for g_phi, per meta_lr_per
+    meta_lr_per: str = "step"  # step (x K, E7) | meta-step
+    split_lr: float = 0.001  # Adam's lr for P_Theta
+    hidden: int = 100  # units of g_phi's and P_Theta's hidden layer
+    meta_input: str = "features+loss"  # what g_phi sees: features+loss | features (E1)
+    meta_init: str = "loss-first"  # loss-first (g_phi starts as a function of the loss) | uniform
+    warmup_epochs: int = 25  # MOLERE: epochs on a random split first (E11)
+    resplit_every: int = 5  # MOLERE: a new hard split every R epochs (E11)
+    lambda_size: float = 1.0  # weight of R_size (E9)
+    lambda_bal: float = 1.0  # weight of R_bal (E9)
+    splitter_data: str = "val"  # val (the game terms on S_val, E9) | all
+    augment: bool = True  # random crop and flip
     # the paper's other settings (its Tables 2 and 3) and the MW-Net baseline
-    arch: str = knob("wrn", "wrn (Wide-ResNet --depth/--width/--dropout) | resnet32 (He et al.'s CIFAR "
-                            "ResNet-32, 0.46M parameters, as the class-skew and noise literature uses) | "
-                            "tv:NAME (a torchvision model, e.g. tv:resnet18, tv:resnet50, tv:vit_b_16)")
-    weights: str = knob("", "--arch tv:NAME: a local file with the model's pretrained state_dict (head "
-                            "included; the head is then replaced for the class count)")
-    imbalance: float = knob(1.0, "class skew rho of the pool: n_c = n_max * rho^(-c/(C-1)), class 0 largest "
-                                 "(1: as given)")
-    noise: str = knob("none", "label noise on the pool, fixed for every seed: none | uniform:p (to another "
-                              "class, uniformly) | pair:p (to the next class) | instance:p (Xia et al. "
-                              "2020: whether and where a label moves depends on the image)")
-    meta_set: str = knob("split", "split (S_val from S: the paper) | clean:N (N class-balanced images of S "
-                                  "with their true labels) | outside:N (N class-balanced images of the "
-                                  "source's training set beyond --train-subset, none of S: MW-Net's "
-                                  "class-imbalance meta set) | folder:PATH (PATH/<class>/*, classes named as "
-                                  "in training: images from outside S, the paper's Table 4): every "
-                                  "reweighting method's fixed S_val but MOLERE's")
+    arch: str = "wrn"  # wrn | resnet32 | tv:NAME (torchvision)
+    weights: str = ""  # tv:NAME: a local pretrained state_dict
+    imbalance: float = 1.0  # class skew rho: n_c = n_max rho^(-c/(C-1))
+    noise: str = "none"  # none | uniform:p | pair:p | instance:p, fixed for every seed
+    meta_set: str = "split"  # split | clean:N | outside:N | folder:PATH (every method's S_val but MOLERE's)
 
     def __post_init__(self):  # numbers as the CLI gives them, so Config(dropout=0) is Config(dropout=0.0)
         for f in fields(self):

@@ -343,6 +343,67 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.nargs == 0 else super()._get_help_string(action)
 
 
+HELP = {  # each Config field's --help (molere.py keeps a one-line comment beside the field)
+    "dataset": "synthetic | spurious (the hard-samples known answer) | cifar10 | cifar100 | packed (the "
+               "CIFAR-10 subset that tools/pack.py writes to --data-root, for a GPU machine) | "
+               "folder:PATH (PATH/train/<class>/* and PATH/test/<class>/*, read from disk)",
+    "image_size": "--dataset folder:PATH: the side of the images the network sees (ImageNet's "
+                  "transforms: random resized crop and flip; resize and centre crop to test)",
+    "train_subset": "train on a fixed class-balanced subset of this many images (0: all of S)",
+    "depth": "Wide-ResNet depth, 6n+4",
+    "width": "Wide-ResNet widening factor k",
+    "dropout": "dropout between the two convs of a block",
+    "epochs": "epochs over the classifier's training split",
+    "batch_size": "classifier, validation and splitter batch size",
+    "lr": "classifier SGD learning rate (also alpha of the look-ahead)",
+    "momentum": "classifier SGD Nesterov momentum",
+    "wd": "classifier weight decay",
+    "milestones": "fractions of --epochs at which the lr is scaled by --gamma",
+    "gamma": "learning-rate decay factor at each milestone",
+    "delta": "validation fraction delta, in (0, 0.5]",
+    "K": "meta-network and splitter update every K classifier steps (see --meta-steps-min)",
+    "meta_steps_min": "a run makes at least this many meta steps: K is lowered (to 1 at the least) "
+                      "where --epochs x steps an epoch / K is fewer; 0: K as given",
+    "meta_grad": "fast (one JVP, no double backward) | reference (create_graph)",
+    "weight_norm": "batch (w / mean w over the batch, as L2RW and MW-Net's class-imbalance code) | none "
+                   "(the paper's literal sum; MW-Net's noisy-label script)",
+    "meta_lr": "Adam learning rate of the meta-network g_phi (see --meta-lr-per)",
+    "meta_lr_per": "what --meta-lr is per: meta-step (Adam's lr is --meta-lr) | step (per classifier "
+                   "step: Adam's lr is --meta-lr x the classifier steps between two meta steps, K, so "
+                   "phi may move as far per epoch at any K)",
+    "split_lr": "Adam learning rate of the splitter P_Theta",
+    "hidden": "hidden units of the meta-network and the splitter",
+    "meta_input": "what our meta-network g_phi sees: features+loss ([h(x), onehot(y)] and the sample's "
+                  "detached loss) | features ([h(x), onehot(y)] only: before 2026-11-29; RESULTS "
+                  "section 7)",
+    "meta_init": "how g_phi's first layer starts: loss-first (with --meta-input features+loss: its "
+                 "weights on h and y start at 0, so g_phi starts as a function of the loss alone) | "
+                 "uniform (torch's default everywhere)",
+    "warmup_epochs": "MOLERE: epochs on a random split before the splitter's",
+    "resplit_every": "MOLERE: recompute the hard split every R epochs",
+    "lambda_size": "weight of the splitter's size regularizer",
+    "lambda_bal": "weight of the splitter's label-balance regularizer",
+    "splitter_data": "val (CE and -l_val on a batch of the current S_val, as the paper's update) | all "
+                     "(on a batch of S, the first study's reading)",
+    "augment": "random crop and flip for training and validation batches",
+    "arch": "wrn (Wide-ResNet --depth/--width/--dropout) | resnet32 (He et al.'s CIFAR ResNet-32, 0.46M "
+            "parameters, as the class-skew and noise literature uses) | tv:NAME (a torchvision model, "
+            "e.g. tv:resnet18, tv:resnet50, tv:vit_b_16)",
+    "weights": "--arch tv:NAME: a local file with the model's pretrained state_dict (head included; the "
+               "head is then replaced for the class count)",
+    "imbalance": "class skew rho of the pool: n_c = n_max * rho^(-c/(C-1)), class 0 largest (1: as "
+                 "given)",
+    "noise": "label noise on the pool, fixed for every seed: none | uniform:p (to another class, "
+             "uniformly) | pair:p (to the next class) | instance:p (Xia et al. 2020: whether and where "
+             "a label moves depends on the image)",
+    "meta_set": "split (S_val from S: the paper) | clean:N (N class-balanced images of S with their "
+                "true labels) | outside:N (N class-balanced images of the source's training set beyond "
+                "--train-subset, none of S: MW-Net's class-imbalance meta set) | folder:PATH "
+                "(PATH/<class>/*, classes named as in training: images from outside S, the paper's "
+                "Table 4): every reweighting method's fixed S_val but MOLERE's",
+}
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="MOLERE / LRW reproduction (CVPR 2024). Defaults: the paper's CIFAR-100 "
@@ -361,11 +422,11 @@ def build_parser():
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # default on: the flag turns it off
             a("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-              help=f"turn off: {f.metadata['help']} (on without this flag)")
+              help=f"turn off: {HELP[f.name]} (on without this flag)")
         elif isinstance(f.default, tuple):
-            a(flag, type=float, nargs="+", default=list(f.default), help=f.metadata["help"])
+            a(flag, type=float, nargs="+", default=list(f.default), help=HELP[f.name])
         else:
-            a(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+            a(flag, type=type(f.default), default=f.default, help=HELP[f.name])
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--compile", action="store_true", help="torch.compile the classifier's plain steps, evaluation and the fast "
       "meta step's look-ahead and JVP (dropout masks still replayed; eager, with one line, where compile fails)")
