@@ -20,7 +20,8 @@
 #                                  beside section 1's ERM-tr on the held-out split
 #   bash reproduce.sh control-pilots its pilots: the meta lr per step, K, g_phi's input, width and initialisation
 #   bash reproduce.sh spurious     the hard-samples known answer of RESULTS.md section 9 (synthetic; ERM, ERM-tr,
-#                                  LRW-Random, LRW-Hard, MOLERE, 5 seeds); spurious-pilots: its generator's pilot
+#                                  LRW-Random, LRW-Hard, MOLERE, 5 seeds); spurious-pilots: its generator's pilot;
+#                                  spurious-control: ERM on LRW-Hard's S_tr, after the study
 #   bash reproduce.sh noise-powered section 7's anchor at the defaults, 5 fresh seeds (hours; resumable)
 #   bash reproduce.sh clean-powered section 1's clean setting at the defaults, 5 fresh seeds (resumable)
 #   bash reproduce.sh skew-pilot   section 9.1's pilot: ERM on the long-tailed pool, training accuracy by class
@@ -112,9 +113,10 @@ NOISE_POWERED=(--dataset cifar10 --train-subset 2000 --depth 10 --width 2 --drop
 CLEAN_POWERED=(--dataset cifar10 --train-subset 4000 --depth 10 --width 2 --dropout 0 --epochs 20 --batch-size 64
                --no-augment --warmup-epochs 5 --resplit-every 3 --eval-every 5 --threads 1 --resume)
 SEEDS9=(--seeds 300 301 302 303 304)
-# Class skew (section 9.1): a long-tailed CIFAR-10 pool (head 1,000 images, tail 50), a class-balanced
-# meta set from the training images beyond it, augmentation on; --epochs comes from the pilot
-SKEW=(--dataset cifar10 --train-subset 10000 --imbalance 20 --meta-set outside:100 --depth 10 --width 2 --dropout 0
+# Class skew (section 9.1): a long-tailed CIFAR-10 pool (head 500 images, tail 25; the first pilots'
+# pool was --train-subset 10000), a class-balanced meta set from the training images beyond it,
+# augmentation on; --epochs comes from the pilot
+SKEW=(--dataset cifar10 --train-subset 5000 --imbalance 20 --meta-set outside:100 --depth 10 --width 2 --dropout 0
       --batch-size 64 --warmup-epochs 10 --resplit-every 5 --eval-every 0 --threads 1 --resume)
 
 cmd=${1:-demo}
@@ -246,10 +248,10 @@ case "$cmd" in
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CLEAN_POWERED[@]}" "${SEEDS9[@]}" \
       --method erm,erm-tr,lrw-random,lrw-hard,molere --out results/clean-powered "$@"
     "$PY" -m tools.analyze results/clean-powered/results.jsonl --figures results/clean-powered --into RESULTS.md ;;
-  skew-pilot)  # RESULTS.md section 9.1, pilot: ERM on seed 0 for EPOCHS (40; then 80) epochs, training accuracy by class
+  skew-pilot)  # RESULTS.md section 9.1, pilot: ERM on seed 0 for EPOCHS (80; then 120) epochs, training accuracy by class
     root=${DATA_ROOT:-../shared/data}
-    epochs=${EPOCHS:-40}
-    out=results/skew-pilot$([ "$epochs" = 40 ] || echo "-$epochs")
+    epochs=${EPOCHS:-80}
+    out=results/skew-pilot-5000-$epochs  # the 10,000-image pool's pilots (40, 80 epochs): results/skew-pilot, -80
     "$PY" molere.py --data-root "$root" "${SKEW[@]}" --epochs "$epochs" --method erm --seeds 0 --out "$out" "$@"
     "$PY" -c "import json, sys; [print(r['method'], r['seed'], 'training accuracy by class (eval mode):',
                r['train_acc_by_class'], 'counts:', r['train_counts']) for r in map(json.loads, open(sys.argv[1]))]" \
@@ -273,6 +275,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, spurious, spurious-pilots, noise-powered, clean-powered, skew-pilot, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, spurious, spurious-control, spurious-pilots, noise-powered, clean-powered, skew-pilot, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac
