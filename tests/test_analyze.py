@@ -201,6 +201,10 @@ def test_family_tables_and_subpopulations_follow_the_records():
     p = analyze.t_test_p(d)
     ps = [p, analyze.t_test_p([10, 10, 12])]  # and lrw-hard - erm
     assert f"{analyze.holm(ps)[0]:.3f}" in line and f"{statistics.mean(d):+.2f}" in line
+    control = analyze.family_tables(rows + [rec("erm-hard", s, 70, 30 + 2 * s) for s in range(3)])
+    line = next(l for l in control.splitlines() if l.startswith("| erm-hard − erm"))
+    assert "-19.00" in line and line.endswith("| a < b |")  # a control predicts no direction: no verdict word
+    assert next(l for l in control.splitlines() if l.startswith("| lrw-hard − erm |")).endswith("| supported (a > b) |")
     table = analyze.subpopulation_table(rows)
     assert "| lrw-hard | 3 | 82.00 ± 0.00 |" in table and "| 25.00 ± 0.00 | 0.70 ± 0.00 |" in table  # 1 of S_val's 4 is minority
 
