@@ -25,6 +25,7 @@
 #   bash reproduce.sh noise-powered section 7's anchor at the defaults, 5 fresh seeds (hours; resumable)
 #   bash reproduce.sh clean-powered section 1's clean setting at the defaults, 5 fresh seeds (resumable)
 #   bash reproduce.sh skew-pilot   section 9.1's pilot: ERM on the long-tailed pool, training accuracy by class
+#   bash reproduce.sh skew         section 9.1's study: ERM, erm-cb, MW-Net, LRW-Random, MOLERE, 5 seeds (resumable)
 #   bash reproduce.sh gpu-evidence one GPU call under 9 minutes: gpu-check (capped), then the noisy-label anchor at GPU
 #                                  scale on the packed CIFAR-10 subset (python -m tools.pack first); gpu-paper-mini: the
 #                                  paper's balanced comparison on it. COPY_TO=DIR copies the table and records there
@@ -248,6 +249,11 @@ case "$cmd" in
     "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${CLEAN_POWERED[@]}" "${SEEDS9[@]}" \
       --method erm,erm-tr,lrw-random,lrw-hard,molere --out results/clean-powered "$@"
     "$PY" -m tools.analyze results/clean-powered/results.jsonl --figures results/clean-powered --into RESULTS.md ;;
+  skew)  # RESULTS.md section 9.1: the study, EPOCHS from its pilot (80; 120 after a second pilot)
+    root=${DATA_ROOT:-../shared/data}
+    "$PY" -m tools.schedule --workers "${WORKERS:-2}" -- --data-root "$root" "${SKEW[@]}" --epochs "${EPOCHS:-80}" \
+      "${SEEDS9[@]}" --method erm,erm-cb,mwn,lrw-random,molere --out results/skew "$@"
+    "$PY" -m tools.analyze results/skew/results.jsonl --figures results/skew --into RESULTS.md ;;
   skew-pilot)  # RESULTS.md section 9.1, pilot: ERM on seed 0 for EPOCHS (80; then 120) epochs, training accuracy by class
     root=${DATA_ROOT:-../shared/data}
     epochs=${EPOCHS:-80}
@@ -275,6 +281,6 @@ case "$cmd" in
   gpu-check)
     exec bash tools/gpu_check.sh ;;
   *)
-    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, spurious, spurious-control, spurious-pilots, noise-powered, clean-powered, skew-pilot, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
+    echo "reproduce.sh: unknown command '$cmd' (demo, test, cifar100, cifar10, cifar100-skew, cifar10-cpu, cifar10-noise, cifar10-anchor, control, control-round2, control-clean, control-pilots, spurious, spurious-control, spurious-pilots, noise-powered, clean-powered, skew-pilot, skew, gpu-evidence, gpu-paper-mini, bench, gpu-check)" >&2
     exit 2 ;;
 esac
