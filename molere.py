@@ -13,13 +13,14 @@ Train-twice variants (LRW-Easy/Random/Hard) fix S_val from an ERM model's margin
     python molere.py --help
 
 The file is the method and only the method, in the order a run executes: what each method
-is (METHODS), config, batches, networks, weight nets and splitter, the look-ahead
-meta-gradient (METHOD.md §7's weight_grad_fast / weight_grad_reference), the steps of one
-training step, the splits, the MOLERE loop (`train`). Beside it: the pool S and the test split
-(subset, class skew, label noise, clean meta set) in molere_data.py; the command line, the plan,
-checkpoints and result records in molere_cli.py; files and config checks in molere_io.py; the
-results table in molere_report.py; the fused weighted cross-entropy in kernels/. Equation ->
-function: README.md, "Where each equation lives".
+is (METHODS), config, the Wide-ResNet, weight nets and splitter, the look-ahead meta-gradient
+(METHOD.md §7's weight_grad_fast / weight_grad_reference), the steps of one training step, each
+returning what the next needs, the loop over them (`train_steps`), the splits, and the MOLERE
+loop (`train`). Beside it: the pool S, the test split, the meta set and `Data.batch` in
+molere_data.py; one run over several processes (torchrun) in molere_world.py; the command line,
+the plan, checkpoints and result records in molere_cli.py; files, config checks and the other
+classifiers (ResNet-32, torchvision) in molere_io.py; the results table in molere_report.py; the
+fused weighted cross-entropy in kernels/. Equation -> function -> test: METHOD.md.
 """
 import contextlib
 import functools
