@@ -40,7 +40,9 @@ def test_the_meta_level_sees_flipped_labels_where_erm_memorises_them():
                         batch_size=50, augment=False, noise="uniform:0.4", meta_set="clean:50",
                         milestones=(0.5, 0.75))
     data = molere_data.load_data(cfg, torch.device("cpu"))
-    data.x = F.interpolate(data.x.float(), size=8, mode="area").round().to(torch.uint8)
+    for images in ("x", "x_meta", "x_test"):  # every image tensor: the meta set is gathered at load time
+        small = F.interpolate(getattr(data, images).float(), size=8, mode="area").round().to(torch.uint8)
+        setattr(data, images, small)
     erm, mwn, ours = (control_run(m, seed, cfg, data) for m in ("erm", "mwn", "lrw-random"))
     assert molere.meta_every(cfg, molere.METHODS["lrw-random"], 450) == 1  # 360 steps < 540: K = 1
     peak = lambda log: max(e["w_auc"] for e in log)
