@@ -7,12 +7,15 @@ classifier uses) breaks that, whatever the exactness tests say of the pieces.
 
 Smaller than the study so that it runs in under a minute on two cores: 500 images, 8 x 8
 pixels (the synthetic classes are 4 x 4 colour patterns upsampled, so 8 x 8 keeps them), 40
-epochs, lr x 0.2 at epochs 20 and 30. Thresholds from 20 runs at fresh seeds (2026-11-29,
-results/control-test-20-runs.log; all passed): ERM fitted 100% of the flipped labels in every
-run; MW-Net's last AUC 0.83-0.92, flipped labels fitted 16-34%; ours peaked at AUC 0.88-0.95 and
-fitted 25-72% (its AUC at the last epoch, 0.64-0.84, falls as the classifier fits flipped labels
-late at this size, so the peak is what is asserted). A sign error in the meta step gives MW-Net
-AUC 0.28 and ours 0.48 (tried: the test fails)."""
+epochs, lr x 0.2 at epochs 20 and 30. Thresholds from 40 runs at fresh seeds, all passed: 20 on
+2026-11-29 (results/control-test-20-runs.log) and 20 on 2026-11-30, after the meta set's images
+moved to data.x_meta, which this test must downsize too (results/control-test-20-runs-after-
+meta-set-fix.log; a CI run that left them at 32 x 32 failed). ERM fitted 100% of the flipped
+labels in every run; MW-Net's last AUC 0.77-0.92, flipped labels fitted 16-48%; ours peaked at
+AUC 0.88-0.95 and fitted 14-73% (its AUC at the last epoch, 0.60-0.90, falls as the classifier
+fits flipped labels late at this size, so the peak is what is asserted). The thresholds lie
+0.07-0.12 beyond the worst of the 40 runs. A sign error in the meta step gives MW-Net AUC 0.28
+and ours 0.48 (tried: the test fails)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,5 +53,5 @@ def test_the_meta_level_sees_flipped_labels_where_erm_memorises_them():
           f"peak {peak(mwn):.2f} fits {mwn[-1]['fit_flipped']:.2f}; ours AUC last {ours[-1]['w_auc']:.2f} "
           f"peak {peak(ours):.2f} fits {ours[-1]['fit_flipped']:.2f}")
     assert erm[-1]["fit_flipped"] >= 0.9  # the regime: plain training memorises the noise
-    assert mwn[-1]["w_auc"] >= 0.75 and mwn[-1]["fit_flipped"] <= 0.5
-    assert peak(ours) >= 0.75 and ours[-1]["fit_flipped"] <= 0.85
+    assert mwn[-1]["w_auc"] >= 0.7 and mwn[-1]["fit_flipped"] <= 0.6
+    assert peak(ours) >= 0.8 and ours[-1]["fit_flipped"] <= 0.85
