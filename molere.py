@@ -81,11 +81,7 @@ METHODS = {
     "erm-cb": Method("none", "class", role="baseline"),  # class-balanced ERM: does a meta level beat the prior?
     "erm-hard": Method("low-margin", "none", role="control"),  # ERM on LRW-Hard's S_tr (RESULTS 9.2's control)
 }
-ALL = [m for m, spec in METHODS.items() if spec.role != "baseline" and m != "erm-hard"]  # --method all: the
-# paper's and ERM-tr; erm-hard (what holding the hard split out costs) is run by name
-ROLE = {m: spec.role for m, spec in METHODS.items() if spec.role}  # how tables label the others
 NEEDS_ERM = [m for m, spec in METHODS.items() if spec.split.endswith("margin")]  # train-twice: ERM first
-
 
 
 @dataclass(frozen=True)

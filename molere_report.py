@@ -3,7 +3,9 @@ paired gains over ERM, method labels, and the paper's figures beside ours, label
 paper's. molere.py prints it at the end of a plan; tools/ build their tables on it."""
 import torch
 
-from molere import METHODS, ROLE
+from molere import METHODS
+
+ROLE = {m: spec.role for m, spec in METHODS.items() if spec.role}  # how tables label the others
 
 # The paper's CIFAR-100 gains over ERM in points, read off its Fig. 1 (METHOD.md §6).
 # Printed beside our numbers, labelled as the paper's; never used as a result.

@@ -39,7 +39,7 @@ def test_every_method_runs_end_to_end_on_cifar100_layout(tmp_path, capsys):
     text = run_main(["--dataset", "cifar100", "--data-root", str(tmp_path / "data"), "--method", "all",
                      "--epochs", "2", "--out", out] + TINY, capsys).out
     rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
-    assert [r["method"] for r in rows] == list(molere.ALL)
+    assert [r["method"] for r in rows] == list(molere_cli.ALL)
     for r in rows:
         assert 0 <= r["test_acc"] <= 100 and len(r["test_margins"]) == 100 and len(r["log"]) == 2
         assert 0 <= r["train_acc"] <= 100 and len(r["train_margins"]) == 300
@@ -290,7 +290,7 @@ def test_scheduler_with_two_cpu_workers_gives_the_serial_results(tmp_path):
     assert "| molere | 1 |" in par.stdout  # the table at the end
     a, b = ({(r["method"], r["seed"]): r for r in molere_io.read_results(str(tmp_path / d / "results.jsonl"))}
             for d in ("serial", "par"))
-    assert set(a) == set(b) == {(m, 0) for m in molere.ALL}
+    assert set(a) == set(b) == {(m, 0) for m in molere_cli.ALL}
     for k in a:
         assert a[k]["test_acc"] == b[k]["test_acc"] and a[k]["test_margins"] == b[k]["test_margins"], k
     erm_end = max(i for i, line in enumerate(lines) if line.startswith("[erm seed 0] epoch 2/2"))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import molere
+import molere_cli
 import molere_data
 from helpers import TINY, fresh_seed, run_main, small_run
 
@@ -160,4 +161,4 @@ def test_erm_hard_is_erm_on_lrw_hards_training_split():
     F.cross_entropy(run.model(x)[0].double(), data.y[idx]).backward()
     for g, p in zip(got, run.model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
-    assert "erm-hard" not in molere.ALL and "erm-tr" in molere.ALL
+    assert "erm-hard" not in molere_cli.ALL and "erm-tr" in molere_cli.ALL
