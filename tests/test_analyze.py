@@ -228,15 +228,25 @@ def test_unfinished_runs_are_read_from_the_metrics_file(tmp_path):
 
 
 def test_class_shot_table_groups_the_classes_by_their_count():
-    def rec(method, seed, by_class, weights=None):
+    def rec(method, seed, by_class, weights=None, train=None, counts=(100, 10, 50), val_size=0):
         return dict(method=method, seed=seed, test_acc=sum(by_class) / 3, config={"imbalance": 10.0},
-                    train_counts=[100, 10, 50], test_acc_by_class=by_class, weight_by_class=weights)
-    rows = [rec("erm", 0, [90.0, 30.0, 60.0]), rec("erm", 1, [80.0, 20.0, 60.0]),
+                    train_counts=list(counts), test_acc_by_class=by_class, weight_by_class=weights,
+                    train_acc_by_class=train, val_size=val_size)
+    # MOLERE comes first and holds out so much of class 0 that its S_tr would order the classes
+    # differently: the grouping and the prior must come from the pool (a run with val_size 0)
+    rows = [rec("molere", 0, [70.0, 40.0, 60.0], [0.1, 0.5, 0.3], [99.0, 90.0, 98.0], counts=(5, 10, 50), val_size=95),
+            rec("erm", 0, [90.0, 30.0, 60.0], train=[100.0, 80.0, 96.0]),
+            rec("erm", 1, [80.0, 20.0, 60.0], train=[100.0, 60.0, 98.0]),
             rec("mwn", 0, [85.0, 45.0, 65.0], [0.2, 0.6, 0.4]), rec("mwn", 1, [85.0, 55.0, 65.0], [0.2, 0.6, 0.4])]
     table = analyze.shot_table(rows)
     # many: class 0 (100 images), medium: class 2 (50), few: class 1 (10)
     assert "many-shot (%), classes [0] | medium-shot (%), classes [2] | few-shot (%), classes [1]" in table
     assert "| erm | 2 | 56.67 ± 4.71 | 85.00 ± 7.07 | 60.00 ± 0.00 | 25.00 ± 7.07 |" in table
+    assert "| class 0 (n=100) | class 1 (n=10) | class 2 (n=50) |" in table
     prior = [1 / 100, 1 / 10, 1 / 50]
     assert "| prior 1/n_c | " + " | ".join(f"{p / statistics.mean(prior):.2f}" for p in prior) + " |" in table
+    # training accuracy per class: the mean over seeds, the lowest seed in brackets; no row without the numbers
+    assert "| erm | 100.0 (100.0) | 70.0 (60.0) | 97.0 (96.0) |" in table
+    assert "| molere | 99.0 (99.0) | 90.0 (90.0) | 98.0 (98.0) |" in table
+    assert "| mwn (baseline) | 85" not in table.split("Mean learned weight")[0].split("Training accuracy")[1]
     assert "| mwn (baseline) | 0.50 | 1.50 | 1.00 |" in table

@@ -218,12 +218,15 @@ def subpopulation_table(rows):
 
 def shot_table(rows):
     """Class skew: test accuracy on the many-, medium- and few-shot classes (the floor(C/3)
-    largest classes of the pool, the floor(C/3) smallest, the rest), and per class the mean
-    learned weight over S_tr beside the prior 1/n_c (both divided by their mean over classes)."""
+    largest classes of the pool, the floor(C/3) smallest, the rest); per class, the training
+    accuracy at the end (eval mode, over each run's S_tr: the regime check, is the tail
+    fitted?); and per class the mean learned weight over S_tr beside the prior 1/n_c (both
+    divided by their mean over classes). The class counts are the pool's, read from a run that
+    holds nothing out (MOLERE's S_tr lacks its S_val), else from the first run."""
     rows = [r for r in rows if r["config"].get("imbalance", 1) > 1 and r.get("train_counts")]
     if not rows:
         return None
-    counts = rows[0]["train_counts"]
+    counts = next((r for r in rows if not r.get("val_size")), rows[0])["train_counts"]
     order = sorted(range(len(counts)), key=lambda c: -counts[c])
     third = len(counts) // 3
     groups = {"many": order[:third], "medium": order[third:len(order) - third], "few": order[len(order) - third:]}
@@ -237,12 +240,20 @@ def shot_table(rows):
         cell = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}"
         lines.append(f"| {report.method_label(m)} | {len(rs)} | {cell([r['test_acc'] for r in rs])} | " +
                      " | ".join(cell([part(r, cs) for r in rs]) for cs in groups.values()) + " |")
+    class_head = ["| method | " + " | ".join(f"class {c} (n={counts[c]})" for c in range(len(counts))) + " |",
+                  "|" + "---|" * (len(counts) + 1)]
+    lines += ["", "Training accuracy (%) per class at the end, eval mode, over each run's S_tr (seeds averaged; "
+              "the lowest seed in brackets): the regime check, is the tail fitted?", ""] + class_head
+    for m in molere.METHODS:
+        accs = [r["train_acc_by_class"] for r in rows if r["method"] == m and r.get("train_acc_by_class")]
+        if accs:
+            at = lambda c: [a[c] for a in accs if a[c] is not None]
+            lines.append(f"| {report.method_label(m)} | " + " | ".join(
+                f"{statistics.mean(at(c)):.1f} ({min(at(c)):.1f})" if at(c) else "—" for c in range(len(counts))) + " |")
     prior = [1 / n for n in counts]
     norm = lambda v: [x / statistics.mean(v) for x in v]
     lines += ["", "Mean learned weight per class over S_tr, divided by its mean over classes (seeds averaged), "
-              "beside the prior 1/n_c divided alike:", "",
-              "| method | " + " | ".join(f"class {c} (n={counts[c]})" for c in range(len(counts))) + " |",
-              "|" + "---|" * (len(counts) + 1),
+              "beside the prior 1/n_c divided alike:", ""] + class_head + [
               "| prior 1/n_c | " + " | ".join(f"{v:.2f}" for v in norm(prior)) + " |"]
     for m in molere.METHODS:
         ws = [norm(r["weight_by_class"]) for r in rows if r["method"] == m and r.get("weight_by_class")
@@ -749,7 +760,8 @@ def main():
                 ("(b) paired comparisons", comparison_table(rows)),
                 ("(b) the study's question (RESULTS.md section 9): one family, Holm-adjusted", family_tables(rows)),
                 ("(b) subpopulations: majority and minority (the hard-samples known answer)", subpopulation_table(rows)),
-                ("(b) class skew: many-, medium- and few-shot classes, and the learned weight per class", shot_table(rows)),
+                ("(b) class skew: many-, medium- and few-shot classes, training accuracy and learned weight per class",
+                 shot_table(rows)),
                 ("(b) early stopping on the meta set", early_stopping_table(rows)),
                 ("(c) regime check and meta-level diagnostics", regime_table(rows)),
                 ("(c) the meta level, per method and seed (METHOD.md §8)", meta_level_table(rows)),
