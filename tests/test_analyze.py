@@ -248,5 +248,5 @@ def test_class_shot_table_groups_the_classes_by_their_count():
     # training accuracy per class: the mean over seeds, the lowest seed in brackets; no row without the numbers
     assert "| erm | 100.0 (100.0) | 70.0 (60.0) | 97.0 (96.0) |" in table
     assert "| molere | 99.0 (99.0) | 90.0 (90.0) | 98.0 (98.0) |" in table
-    assert "| mwn (baseline) | 85" not in table.split("Mean learned weight")[0].split("Training accuracy")[1]
+    assert "mwn" not in table.split("Mean learned weight")[0].split("Training accuracy")[1]  # mwn has none
     assert "| mwn (baseline) | 0.50 | 1.50 | 1.00 |" in table
