@@ -150,7 +150,11 @@ def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
     pred = molere.predict(run.model, data, data.x)[0].argmax(1)
     recall = torch.stack([(pred[data.y == c] == c).float().mean() for c in range(data.classes)])
     others = torch.cat([recall[:3], recall[4:]])
-    assert recall[3] < 0.02 and others.mean() > 0.5, recall
+    # 4 epochs leave a class or two unlearnt on some seeds: over 21 fresh seeds (2026-12-06) the
+    # other nine averaged 0.46-0.88 recall (0.5 failed seed 1001206305 at 0.456); a network
+    # that learnt one class or none averages at most 1/9. With the weights ignored (constant
+    # 0.5, 10 seeds) class 3 reached 0.65-0.88 recall, so the 0.02 bound is what catches the bug.
+    assert recall[3] < 0.02 and others.mean() > 0.3, recall
 
 
 @pytest.mark.slow
