@@ -301,7 +301,7 @@ def test_scheduler_with_two_cpu_workers_gives_the_serial_results(tmp_path):
 def test_noisy_labels_with_a_clean_meta_set_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     text = run_main(["--dataset", "synthetic", "--train-subset", "200", "--noise", "uniform:0.4",
-                     "--meta-set", "clean:20", "--arch", "resnet32", "--method", "erm,lrw-random,mwn,molere",
+                     "--meta-set", "clean:20", "--method", "erm,lrw-random,mwn,molere",
                      "--epochs", "2", "--out", str(out)] + TINY, capsys).out
     rows = {r["method"]: r for r in molere_io.read_results(str(out / "results.jsonl"))}
     assert set(rows) == {"erm", "lrw-random", "mwn", "molere"} and "| mwn (baseline) | 1 |" in text
