@@ -250,3 +250,13 @@ def test_class_shot_table_groups_the_classes_by_their_count():
     assert "| molere | 99.0 (99.0) | 90.0 (90.0) | 98.0 (98.0) |" in table
     assert "mwn" not in table.split("Mean learned weight")[0].split("Training accuracy")[1]  # mwn has none
     assert "| mwn (baseline) | 0.50 | 1.50 | 1.00 |" in table
+
+
+def test_learning_curves_average_only_where_every_seed_tested():
+    # each seed records test accuracy at its own epochs (its new bests on the meta set, say)
+    def run(tested, offset):
+        return dict(log=[dict(epoch=e, loss=1.0, **({"test_acc": 10.0 * e + offset} if e in tested else {}))
+                         for e in (1, 2, 3)])
+    a, b = run({1, 3}, 0), run({2, 3}, 4)
+    assert analyze.mean_where_all_have([a, b], "test_acc") == ([3], [32.0])  # (30 + 34) / 2
+    assert analyze.mean_where_all_have([a, b], "loss") == ([1, 2, 3], [1.0, 1.0, 1.0])

@@ -621,6 +621,14 @@ def progress_figure(rows, runs, folder):
     return "progress.png"
 
 
+def mean_where_all_have(runs, key):
+    """(epochs, means) of a log entry over runs, at the epochs where every run recorded it. A run
+    tests at its own epochs (each new best on the meta set, say), so seeds differ in where."""
+    epochs = [e["epoch"] for e in runs[0]["log"]]
+    common = [i for i in range(len(epochs)) if all(key in r["log"][i] for r in runs)]
+    return [epochs[i] for i in common], [statistics.mean(r["log"][i][key] for r in runs) for i in common]
+
+
 def figures(rows, gains, curves, folder):
     try:
         import matplotlib
@@ -717,9 +725,7 @@ def figures(rows, gains, curves, folder):
                 continue
             epochs = [e["epoch"] for e in rs[0]["log"]]
             a1.plot(epochs, [statistics.mean(r["log"][i]["loss"] for r in rs) for i in range(len(epochs))], label=report.method_label(m))
-            tested = [i for i, e in enumerate(rs[0]["log"]) if "test_acc" in e]
-            a2.plot([epochs[i] for i in tested], [statistics.mean(r["log"][i]["test_acc"] for r in rs) for i in tested],
-                    marker=".", label=report.method_label(m))
+            a2.plot(*mean_where_all_have(rs, "test_acc"), marker=".", label=report.method_label(m))
         a1.set_xlabel("epoch"), a1.set_ylabel("training loss (unweighted, batch mean)")
         a2.set_xlabel("epoch"), a2.set_ylabel("test accuracy (%), plotted, never used to select")
         a2.legend(fontsize=7)
