@@ -723,8 +723,7 @@ def figures(rows, gains, curves, folder):
             rs = [r for r in rows if r["method"] == m]
             if not rs:
                 continue
-            epochs = [e["epoch"] for e in rs[0]["log"]]
-            a1.plot(epochs, [statistics.mean(r["log"][i]["loss"] for r in rs) for i in range(len(epochs))], label=report.method_label(m))
+            a1.plot(*mean_where_all_have(rs, "loss"), label=report.method_label(m))
             a2.plot(*mean_where_all_have(rs, "test_acc"), marker=".", label=report.method_label(m))
         a1.set_xlabel("epoch"), a1.set_ylabel("training loss (unweighted, batch mean)")
         a2.set_xlabel("epoch"), a2.set_ylabel("test accuracy (%), plotted, never used to select")
