@@ -90,7 +90,7 @@ class Config:
     is apart, in molere_cli.Runtime). Defaults: the paper's CIFAR-100 / WRN-28-10 setting with the
     standard recipe. Stored with every checkpoint and result (molere_cli.config_record); every
     field is a CLI flag, its full help in molere_cli.HELP (python molere.py --help)."""
-    dataset: str = "cifar100"  # synthetic | spurious | cifar10 | cifar100 | packed | folder:PATH
+    dataset: str = "cifar100"  # synthetic[:N[:SIDE]] | spurious | cifar10 | cifar100 | packed | folder:PATH
     image_size: int = 224  # folder:PATH: the side of the images the network sees
     train_subset: int = 0  # a fixed class-balanced subset of S of this size (0: all of S)
     # classifier: Wide-ResNet and the standard CIFAR recipe (METHOD.md §6)
@@ -112,6 +112,8 @@ class Config:
     weight_norm: str = "batch"  # batch: w~ = w / mean w (E2) | none
     meta_lr: float = 0.001  # Adam's lr for g_phi, per meta_lr_per
     meta_lr_per: str = "step"  # step (x K, E7) | meta-step
+    meta_wd: float = 0.0  # weight decay of g_phi's Adam (MW-Net's own net keeps its published 1e-4)
+    meta_bound: float = 0.0  # g_phi's logit bounded to (-c, c) by c tanh(logit / c); 0: unbounded
     split_lr: float = 0.001  # Adam's lr for P_Theta
     hidden: int = 100  # units of g_phi's and P_Theta's hidden layer
     meta_input: str = "features+loss"  # what g_phi sees: features+loss | features (E1)
@@ -128,6 +130,7 @@ class Config:
     imbalance: float = 1.0  # class skew rho: n_c = n_max rho^(-c/(C-1))
     noise: str = "none"  # none | uniform:p | pair:p | instance:p, fixed for every seed
     meta_set: str = "split"  # split | clean:N | outside:N | folder:PATH (every method's S_val but MOLERE's)
+    data_draw: str = "fixed"  # fixed (one draw of subset, skew, noise, meta set for every seed) | seed
 
     def __post_init__(self):  # numbers as the CLI gives them, so Config(dropout=0) is Config(dropout=0.0)
         for f in fields(self):
@@ -241,9 +244,9 @@ class SampleNet(nn.Module):
       meta-network  g_phi(x, y)           = sigmoid(logit), the instance weight in (0, 1)
       splitter      P_Theta(val | x, y)   = sigmoid(logit)"""
 
-    def __init__(self, features, classes, hidden, p0=0.5, extra=0, init="uniform"):
+    def __init__(self, features, classes, hidden, p0=0.5, extra=0, init="uniform", bound=0.0):
         super().__init__()
-        self.features, self.classes, self.extra = features, classes, extra
+        self.features, self.classes, self.extra, self.bound = features, classes, extra, bound
         self.net = nn.Sequential(nn.Linear(features + extra + classes, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
         nn.init.constant_(self.net[2].bias, math.log(p0 / (1 - p0)))  # start at sigmoid = p0
@@ -258,7 +261,8 @@ class SampleNet(nn.Module):
             h = h.detach().to(dtype)
             feats, extra = h[:, :self.features], h[:, self.features:]
             z = [F.layer_norm(feats, feats.shape[1:]), extra, F.one_hot(y, self.classes).to(dtype)]
-            return self.net(torch.cat(z, 1)).squeeze(1)
+            logit = self.net(torch.cat(z, 1)).squeeze(1)
+            return self.bound * torch.tanh(logit / self.bound) if self.bound else logit  # --meta-bound
 
 
 class LossNet(nn.Module):
@@ -516,7 +520,8 @@ class Run:
         self.weight_grad = compiled_fast_path() if compile else weight_grad_fast  # E4-E5
         extra = int(cfg.meta_input == "features+loss")  # the loss as one more input column
         self.meta = (LossNet(cfg.hidden) if self.spec.weights == "loss" else  # g_phi
-                     SampleNet(self.model.features, data.classes, cfg.hidden, extra=extra, init=cfg.meta_init)
+                     SampleNet(self.model.features, data.classes, cfg.hidden, extra=extra, init=cfg.meta_init,
+                               bound=cfg.meta_bound)
                      ).to(device)
         self.splitter = SampleNet(self.model.features, data.classes, cfg.hidden, p0=cfg.delta).to(device)  # P_Theta
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -526,7 +531,7 @@ class Run:
             self.opt, sorted(max(1, round(f * cfg.epochs)) for f in cfg.milestones), cfg.gamma)
         self.K = meta_every(cfg, self.spec, len(data.y) - split_size(method, data, cfg.delta))
         self.opt_meta = torch.optim.Adam(self.meta.parameters(), lr=meta_lr(cfg, self.K),
-                                         weight_decay=self.spec.meta_wd)
+                                         weight_decay=self.spec.meta_wd if self.spec.weights == "loss" else cfg.meta_wd)
         self.opt_split = torch.optim.Adam(self.splitter.parameters(), lr=cfg.split_lr)
         self.val_mask = torch.zeros(len(data.y), dtype=torch.bool, device=device)  # ERM: S_tr = S
         self.prior = 1 / torch.bincount(data.y, minlength=data.classes).clamp(min=1).float()  # erm-cb: 1/n_c
@@ -689,14 +694,23 @@ def splitter_step(run, data, cfg, val_idx):
     return terms
 
 
+def effective_batch(w):
+    """n_eff = (sum_i w_i)^2 / sum_i w_i^2 over the whole batch (Kish's effective sample size): B for
+    equal weights, k when k samples share the weight equally and the rest have none. The same for
+    w and w~ = w / mean w, so it measures what the classifier step sees; 0 for an all-zero batch."""
+    return world_sum(w.sum()) ** 2 / world_sum((w * w).sum()).clamp_min(torch.finfo(w.dtype).tiny)
+
+
 def step_stats(stats, run, losses, w, val_loss, split_terms):
     """Each step's numbers for the epoch's log, gathered here alone: the unweighted loss (comparable
-    across methods); for a meta level, the scale and spread of the raw weights w and their
-    correlation with the loss (which samples it favours); L_val(theta'); the splitter's terms."""
+    across methods); for a meta level, the scale and spread of the raw weights w, their effective
+    batch size n_eff and their correlation with the loss (which samples it favours); L_val(theta');
+    the splitter's terms."""
     stats["loss"].append(losses.mean())
     if run.reweights:
         stats["w_mean"].append(w.mean())
         stats["w_spread"].append(w.std() / w.mean())  # std/mean of w, the same for w~
+        stats["n_eff"].append(effective_batch(w))  # how many samples the step's weight rests on
         stats["w_loss_corr"].append(torch.corrcoef(torch.stack([w, losses]))[0, 1])
     if val_loss is not None:
         stats["val_loss"].append(val_loss.float())

@@ -53,7 +53,7 @@ class Runtime:
 # checkpoints still match, even should a default change later.
 LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="",
              image_size=224, meta_lr_per="meta-step", meta_init="uniform",
-             meta_steps_min=0)
+             meta_steps_min=0, data_draw="fixed", meta_wd=0.0, meta_bound=0.0)
 
 
 def config_record(cfg):
@@ -185,6 +185,9 @@ def train_run(cfg, rt, method, seed, data, val_mask, budget=None):
         plan_eta = budget.plan_eta() if budget is not None else None
         print(("\r\033[K" if sys.stdout.isatty() else "") + progress_line(tag, entry, run, cfg.epochs, plan_eta),
               flush=True)
+        warning = collapse_warning(run.log, cfg.batch_size)
+        if warning:
+            print(f"{tag} {warning}", flush=True)
         if budget is not None:
             budget.spend()
         last["start"] = time.time()
@@ -273,6 +276,22 @@ def epoch_diagnostics(run, data, seen):
     return dict(zip(out, torch.stack([v.float() for v in out.values()]).tolist()))  # one host sync
 
 
+COLLAPSE_EPOCHS = 3  # epochs in a row with n_eff below a quarter of the batch before the warning
+
+
+def collapse_warning(log, batch_size, epochs=COLLAPSE_EPOCHS):
+    """One line when the learned weights have rested on fewer than B/4 samples a batch (the epoch's
+    mean n_eff, molere.effective_batch) for `epochs` epochs in a row, printed once, on the epoch the
+    streak reaches that length; None otherwise. The run goes on: it is a warning."""
+    low = [e.get("n_eff", batch_size) < batch_size / 4 for e in log]
+    if len(low) < epochs or not all(low[-epochs:]) or (len(low) > epochs and low[-epochs - 1]):
+        return None
+    n = log[-1]["n_eff"]
+    return (f"warning: for {epochs} epochs the learned weights have rested on about {n:.0f} of {batch_size} "
+            f"samples a batch (n_eff < B/4): the meta level has concentrated its weight and the classifier "
+            f"learns from few samples (docs/usage.md, 'Watching a run')")
+
+
 def result_record(run, data, cfg, rt, test_logits):
     """One finished run: config, log, test accuracy and margins, and on S (eval mode) the fit,
     margins and learned weights that the analysis reads."""
@@ -320,6 +339,8 @@ def progress_line(tag, e, run, epochs, plan_eta=None):
     shown = [k for k in ("w_sat", "w_zero", "w_auc", "w_auc_minority", "val_minority", "meta_acc") if k in e]
     if shown:
         parts.append(" ".join(f"{k} {e[k]:.2f}" for k in shown))
+    if "n_eff" in e:
+        parts.append(f"n_eff {e['n_eff']:.1f}")
     if "fit_flipped" in e:
         parts.append(f"fits flipped {e['fit_flipped']:.0%} clean {e['fit_clean']:.0%}")
     if "split_fit" in e:
@@ -346,7 +367,9 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 HELP = {  # each Config field's --help (molere.py keeps a one-line comment beside the field)
-    "dataset": "synthetic | spurious (the hard-samples known answer) | cifar10 | cifar100 | packed (the "
+    "dataset": "synthetic (the demo set, 2,000 images at 32 x 32) | synthetic:N[:SIDE] (N training images "
+               "at SIDE x SIDE pixels, 10,000 test images: the long run's synthetic:46000:8) | "
+               "spurious (the hard-samples known answer) | cifar10 | cifar100 | packed (the "
                "CIFAR-10 subset that tools/pack.py writes to --data-root, for a GPU machine) | "
                "folder:PATH (PATH/train/<class>/* and PATH/test/<class>/*, read from disk)",
     "image_size": "--dataset folder:PATH: the side of the images the network sees (ImageNet's "
@@ -373,6 +396,10 @@ HELP = {  # each Config field's --help (molere.py keeps a one-line comment besid
     "meta_lr_per": "what --meta-lr is per: meta-step (Adam's lr is --meta-lr) | step (per classifier "
                    "step: Adam's lr is --meta-lr x the classifier steps between two meta steps, K, so "
                    "phi may move as far per epoch at any K)",
+    "meta_wd": "weight decay (L2, as torch's Adam) of the meta-network g_phi's optimizer; MW-Net's own weight "
+               "net (--method mwn) keeps its published 1e-4",
+    "meta_bound": "bound g_phi's logit to (-c, c) by c * tanh(logit / c), so the normalised weights w / mean w "
+                  "stay within a ratio of about e^(2c) of each other; 0: unbounded",
     "split_lr": "Adam learning rate of the splitter P_Theta",
     "hidden": "hidden units of the meta-network and the splitter",
     "meta_input": "what our meta-network g_phi sees: features+loss ([h(x), onehot(y)] and the sample's "
@@ -403,6 +430,9 @@ HELP = {  # each Config field's --help (molere.py keeps a one-line comment besid
                 "--train-subset, none of S: MW-Net's class-imbalance meta set) | folder:PATH "
                 "(PATH/<class>/*, classes named as in training: images from outside S, the paper's "
                 "Table 4): every reweighting method's fixed S_val but MOLERE's",
+    "data_draw": "fixed (the synthetic images, subset, skew, noise and meta set drawn once, the same for every "
+                 "seed: every study before 2026-12-07) | seed (drawn afresh from each training seed, so that "
+                 "seeds vary the data as well)",
 }
 
 
@@ -523,14 +553,17 @@ def finished_erm(cfg, rt, seed, data, budget):
         return run.model, result
 
 
-def run_plan(cfg, rt, plan, seeds, data, budget):
+def run_plan(cfg, rt, plan, seeds, data, budget, load=None):
     """Every (method, seed) of the plan, finished runs skipped; each seed's ERM model reused for
-    the train-twice margins; a lock per run, so that a plan launched twice trains each run once."""
+    the train-twice margins; a lock per run, so that a plan launched twice trains each run once.
+    Under --data-draw seed each seed trains on its own draw of the data (`load(seed)`)."""
     results_path = os.path.join(rt.out, "results.jsonl")
     done = agree({(r["method"], r["seed"]) for r in read_results(results_path, config_hash(cfg))} if rt.resume else set())
     budget.todo = cfg.epochs * sum((m, s) not in done for s in seeds for m in plan)  # less what resumes
     for seed in seeds:
         erm_model = None
+        if cfg.data_draw == "seed" and seed != seeds[0] and any((m, seed) not in done for m in plan):
+            data = load(seed)
         for method in plan:
             if (method, seed) in done:
                 print(f"[{method} seed {seed}] finished earlier, result in {results_path}")
@@ -601,7 +634,7 @@ def setup(argv=None):
             load_torchvision(cfg.arch[3:], cfg.weights)
         if args.workers < 0:
             raise ConfigError(f"--workers must be non-negative, got {args.workers}")
-        data = load_data(cfg, device, args.data_root, not args.no_download, args.workers)
+        data = load_data(cfg, device, args.data_root, not args.no_download, args.workers, args.seeds[0])
         check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
         make_writable_folder(rt.out, "--out")
     except UserError as e:
@@ -629,7 +662,8 @@ def main(argv=None, handle_sigterm=False):
           f"config {config_hash(cfg)}; "
           f"results -> {results_path}", flush=True)
     try:
-        run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after))
+        run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after),
+                 lambda seed: load_data(cfg, rt.device, args.data_root, not args.no_download, args.workers, seed))
     except UserError as e:
         fail(str(e))
     except StopAfter:

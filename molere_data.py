@@ -27,12 +27,13 @@ from PIL import Image
 from molere_io import DataError, load_cifar, load_packed
 
 
-def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled=0.08, seed=1234):
+def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled=0.08, seed=1234, side=32):
     """A learnable CIFAR-shaped set made in memory (same for every training seed): each
     class is a smooth colour pattern; a `hard` fraction of images blends in another class
-    (near the boundary), and a `mislabelled` fraction of TRAINING labels is flipped."""
+    (near the boundary), and a `mislabelled` fraction of TRAINING labels is flipped. `side`:
+    the images' side in pixels (--dataset synthetic:N:SIDE; the long run's 8 x 8)."""
     g = torch.Generator().manual_seed(seed)
-    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=g), size=32, mode="bilinear",
+    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=g), size=side, mode="bilinear",
                            align_corners=False)
 
     def sample(n, flip):
@@ -41,7 +42,7 @@ def make_synthetic(n_train=2000, n_test=1000, classes=10, hard=0.25, mislabelled
         other = (y + torch.randint(1, classes, (n,), generator=g)) % classes
         mix = torch.where(torch.rand(n, generator=g) < hard,
                           0.5 + 0.15 * torch.rand(n, generator=g), torch.ones(n))[:, None, None, None]
-        x = mix * protos[y] + (1 - mix) * protos[other] + 0.12 * torch.randn(n, 3, 32, 32, generator=g)
+        x = mix * protos[y] + (1 - mix) * protos[other] + 0.12 * torch.randn(n, 3, side, side, generator=g)
         x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
         if flip:
             bad = torch.rand(n, generator=g) < mislabelled
@@ -85,7 +86,8 @@ def make_spurious(n_train=2000, n_test=1000, classes=10, seed=4321, minority=Non
 
 
 def balanced_subset(y, n, classes, seed=0):
-    """A fixed class-balanced subset of n indices (same for every seed and method)."""
+    """A class-balanced subset of n indices, fixed by `seed` (the same for every training seed and
+    method unless --data-draw seed)."""
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     ys = y[perm]
     rank = torch.zeros_like(ys)
@@ -95,21 +97,22 @@ def balanced_subset(y, n, classes, seed=0):
     return perm[rank < math.ceil(n / classes)][:n].sort().values
 
 
-def long_tail(y, rho, classes):
+def long_tail(y, rho, classes, seed=1):
     """Indices of a long-tailed pool: class c keeps n_c = n_max * rho^(-c/(C-1)) of its images
-    (class 0 largest), chosen by a fixed permutation, the same for every seed and method."""
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    (class 0 largest), chosen by a permutation fixed by `seed` (the same for every training seed
+    and method unless --data-draw seed)."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_max = int(torch.bincount(y, minlength=classes).min())
     keep = [perm[y[perm] == c][:max(1, int(n_max * rho ** (-c / max(classes - 1, 1))))] for c in range(classes)]
     return torch.cat(keep).sort().values
 
 
-def add_noise(y, noise, classes, x=None):
-    """Label noise, drawn once with a fixed generator: `uniform:p` moves a p-fraction of labels
-    to another class chosen uniformly, `pair:p` to the next class, `instance:p` as `instance_noise`
-    (which needs the images x). Returns the new labels."""
+def add_noise(y, noise, classes, x=None, seed=2):
+    """Label noise, drawn once with a generator fixed by `seed`: `uniform:p` moves a p-fraction of
+    labels to another class chosen uniformly, `pair:p` to the next class, `instance:p` as
+    `instance_noise` (which needs the images x). Returns the new labels."""
     kind, p = noise.split(":")
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     if kind == "instance":
         return instance_noise(x, y, float(p), classes, g)
     flip = torch.rand(len(y), generator=g) < float(p)
@@ -363,7 +366,7 @@ def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
             "the test set": h(x_test, y_test), "the meta set": h(meta_mask, x_meta, y_meta)}
 
 
-def meta_set(cfg, y_true, classes, names, workers, outside=None):
+def meta_set(cfg, y_true, classes, names, workers, outside=None, draw=lambda base: base):
     """--meta-set: (meta_mask over S, the outside images and their labels). clean:N marks N
     class-balanced images of S; folder:PATH marks none of S and reads PATH's images, labelled by
     the training class `names`; outside:N marks none of S and takes N class-balanced images of the
@@ -383,25 +386,44 @@ def meta_set(cfg, y_true, classes, names, workers, outside=None):
         if n < classes or n > int(counts.min()) * classes:
             raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
                             f"{int(counts.min()) * classes} (the images outside the pool, in its smallest class)")
-        pick = balanced_subset(y_out, n, classes, seed=3)
+        pick = balanced_subset(y_out, n, classes, seed=draw(3))
         return none_of_s, x_out[pick], y_out[pick]
     counts = torch.bincount(y_true, minlength=classes)
     if n < classes or n > int(counts.min()) * classes // 2:
         raise DataError(f"--meta-set {cfg.meta_set}: N must be between {classes} (one per class) and "
                         f"{int(counts.min()) * classes // 2} (half the smallest class, times {classes})")
     meta_mask = torch.zeros(len(y_true), dtype=torch.bool)
-    meta_mask[balanced_subset(y_true, n, classes)] = True
+    meta_mask[balanced_subset(y_true, n, classes, seed=draw(0))] = True
     return meta_mask, None, None
 
 
-def load_data(cfg, device, data_root="data", download=True, workers=0):
-    """The pool S (subset, class skew, noise, meta set: each fixed for every seed) and the
-    untouched test split, on the device (a folder's images: read from disk by `workers` processes)."""
+def synthetic_size(dataset):
+    """--dataset synthetic[:N[:SIDE]] -> (training images, test images, side): the demo set's 2,000 /
+    1,000 at 32 x 32 by default; N training images (and CIFAR's 10,000 test images) at SIDE pixels."""
+    parts = dataset.split(":")[1:]
+    if not parts:
+        return 2000, 1000, 32
+    return int(parts[0]), 10_000, int(parts[1]) if len(parts) > 1 else 32
+
+
+def data_draw(cfg, seed):
+    """The generator seeds of the data's random draws (the synthetic images, subset, skew, noise,
+    meta set), from their fixed base: the base itself under --data-draw fixed (every study before
+    2026-12-07: one data draw for every training seed), else a draw of the training seed's own."""
+    return (lambda base: base) if cfg.data_draw == "fixed" else (lambda base: base + 7919 * (seed + 1))
+
+
+def load_data(cfg, device, data_root="data", download=True, workers=0, seed=0):
+    """The pool S (subset, class skew, noise, meta set: each fixed for every seed, or under
+    --data-draw seed drawn from `seed`) and the untouched test split, on the device (a folder's
+    images: read from disk by `workers` processes)."""
     names = minority = minority_test = None
-    if cfg.dataset == "synthetic":
-        x, y, xt, yt, classes = make_synthetic()
+    draw = data_draw(cfg, seed)
+    if cfg.dataset.split(":")[0] == "synthetic":
+        n, n_test, side = synthetic_size(cfg.dataset)
+        x, y, xt, yt, classes = make_synthetic(n, n_test, seed=draw(1234), side=side)
     elif cfg.dataset == "spurious":
-        x, y, xt, yt, classes, minority, minority_test = make_spurious()
+        x, y, xt, yt, classes, minority, minority_test = make_spurious(seed=draw(4321))
     elif cfg.dataset == "packed":
         x, y, xt, yt, classes = load_packed(data_root)
     elif cfg.dataset.startswith("folder:"):
@@ -412,7 +434,7 @@ def load_data(cfg, device, data_root="data", download=True, workers=0):
     if cfg.train_subset:
         if cfg.train_subset > len(y):
             raise DataError(f"--train-subset {cfg.train_subset} exceeds the {len(y)} training images")
-        pool = balanced_subset(y, cfg.train_subset, classes)
+        pool = balanced_subset(y, cfg.train_subset, classes, seed=draw(0))
     outside = None
     if cfg.meta_set.startswith("outside:"):  # beyond the balanced subset, before the skew takes its share
         if not cfg.train_subset:
@@ -421,14 +443,14 @@ def load_data(cfg, device, data_root="data", download=True, workers=0):
         rest[pool] = False
         outside = (x[rest], y[rest])
     if cfg.imbalance > 1:
-        pool = pool[long_tail(y[pool], cfg.imbalance, classes)]
+        pool = pool[long_tail(y[pool], cfg.imbalance, classes, seed=draw(1))]
     x, y = x[pool], y[pool]
     minority = None if minority is None else minority[pool]
     y_true = y
     if cfg.noise != "none":
         pixels = x.thumbnails() if cfg.noise.startswith("instance") and not torch.is_tensor(x) else x
-        y = add_noise(y, cfg.noise, classes, pixels)
-    meta_mask, x_meta, y_meta = meta_set(cfg, y_true, classes, names, workers, outside)
+        y = add_noise(y, cfg.noise, classes, pixels, seed=draw(2))
+    meta_mask, x_meta, y_meta = meta_set(cfg, y_true, classes, names, workers, outside, draw)
     if cfg.meta_set.startswith("clean:"):
         y = torch.where(meta_mask, y_true, y)  # the clean meta set keeps its true labels
     if torch.is_tensor(x):

@@ -55,6 +55,13 @@ def _number(text):
     return None
 
 
+def _synthetic_ok(dataset):
+    """synthetic:N or synthetic:N:SIDE with N >= 100 training images and SIDE >= 8 pixels."""
+    kind, *parts = dataset.split(":")
+    return kind == "synthetic" and 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and \
+        int(parts[0]) >= 100 and (len(parts) == 1 or int(parts[1]) >= 8)
+
+
 def config_problem(cfg):
     """The first value of a molere.Config that no run can use, as one line; None if all are
     fine. Config checks itself with this when built, from the CLI or from Python."""
@@ -64,8 +71,9 @@ def config_problem(cfg):
     noise, _, p = cfg.noise.partition(":")
     meta, _, n = cfg.meta_set.partition(":")
     checks = [
-        (cfg.dataset in DATASETS or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7,
-         f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)} or folder:PATH"),
+        (cfg.dataset in DATASETS or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7 or _synthetic_ok(cfg.dataset),
+         f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)}, synthetic:N[:SIDE] or folder:PATH"),
+        choice("data_draw", ("fixed", "seed")),
         (cfg.image_size >= 16, f"--image-size must be at least 16, got {cfg.image_size}"),
         (0 < cfg.delta <= 0.5, f"--delta must be in (0, 0.5], got {cfg.delta}"),
         (cfg.K >= 1, f"--K must be at least 1, got {cfg.K}"),
@@ -90,6 +98,8 @@ def config_problem(cfg):
          "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"),
         (all(0 < m <= 1 for m in cfg.milestones),
          f"--milestones are fractions of --epochs, each in (0, 1], got {list(cfg.milestones)}"),
+        (0 <= cfg.meta_wd < math.inf and 0 <= cfg.meta_bound < math.inf,
+         "--meta-wd and --meta-bound must be finite and non-negative"),
         (0 <= cfg.lambda_size < math.inf and 0 <= cfg.lambda_bal < math.inf,
          "--lambda-size and --lambda-bal must be finite and non-negative"),
         (0 <= cfg.dropout < 1 and cfg.warmup_epochs >= 0 and cfg.train_subset >= 0,
