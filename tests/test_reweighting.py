@@ -170,6 +170,26 @@ def test_mwn_meta_optimizer_is_its_published_one():
         _, _, run = small_run(method, 0)
         group = run.opt_meta.param_groups[0]
         assert isinstance(run.opt_meta, torch.optim.Adam) and group["lr"] == 1e-3 and group["weight_decay"] == wd
+    for method, wd in (("mwn", 1e-4), ("lrw-random", 3e-4)):  # --meta-wd is for our meta-network only
+        assert small_run(method, 0, meta_wd=3e-4)[2].opt_meta.param_groups[0]["weight_decay"] == wd
+
+
+def test_meta_bound_keeps_the_logit_inside_and_is_c_tanh_of_the_unbounded_one():
+    """--meta-bound c: g_phi's logit is c tanh(logit / c) of the same network's unbounded logit, so
+    every weight lies in (sigmoid(-c), sigmoid(c)); the splitter stays unbounded."""
+    seed = fresh_seed()
+    free = molere.SampleNet(12, 4, 8, extra=1).double()
+    bound = molere.SampleNet(12, 4, 8, extra=1, bound=2.0).double()
+    bound.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        free.net[2].weight.mul_(50)  # logits far outside (-2, 2)
+        bound.net[2].weight.mul_(50)
+    h, y = torch.randn(300, 13, dtype=torch.float64), torch.randint(0, 4, (300,))
+    raw, out = free(h, y), bound(h, y)
+    assert raw.abs().max() > 4 and out.abs().max() < 2, seed
+    assert torch.allclose(out, 2.0 * torch.tanh(raw / 2.0), rtol=0, atol=1e-12), seed
+    _, _, run = small_run("molere", 0, meta_bound=2.0)
+    assert run.meta.bound == 2.0 and run.splitter.bound == 0
 
 
 def test_auc_counts_pairs_with_ties_half():

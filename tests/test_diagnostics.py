@@ -1,0 +1,84 @@
+"""Does the meta level learn, and has it collapsed? The per-epoch diagnostics (METHOD.md §8): the
+weights' AUC, clean above flipped; the effective batch n_eff of the normalised weights and the
+warning when it stays below B / 4; each against an independent reference or a closed form."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import molere
+import molere_cli
+import molere_report as report
+from helpers import fresh_seed, small_run
+
+
+def pairwise_auc(pos, neg):
+    """P(a positive scores above a negative), ties counted half: every pair, no ranks."""
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+def test_auc_counts_pairs_with_ties_half():
+    seed = fresh_seed()
+    for n, m in ((1, 1), (7, 5), (200, 300)):
+        pos = torch.randint(0, 6, (n,)).double() / 5  # many ties, as L2RW's zero weights make
+        neg = torch.randint(0, 6, (m,)).double() / 5
+        assert report.auc(pos, neg).item() == pytest.approx(pairwise_auc(pos, neg), abs=1e-12), seed
+    assert report.auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])).item() == 1.0
+
+
+def test_epoch_auc_ranks_clean_above_flipped():
+    """w_auc is the AUC of clean images' weights over flipped ones' (1 when every clean image
+    weighs more), over the images the epoch's batches held only; a swapped order reads 1 - AUC."""
+    fresh_seed()
+    cfg, data, run = small_run("lrw-random", 0, noise="uniform:0.4", meta_set="clean:20")
+    n = len(data.y)
+    w = torch.rand(n) * 0.7 + 0.4 * (~data.noisy).float()  # clean images mostly above flipped ones
+    w[data.meta_mask] = float("nan")  # never in a batch
+    seen = dict(w=w, fitted=torch.rand(n) < 0.5, phi_start=torch.cat([p.detach().flatten() for p in run.meta.parameters()]))
+    out = molere_cli.epoch_diagnostics(run, data, seen)
+    batched = ~data.meta_mask
+    want = pairwise_auc(w[batched & ~data.noisy], w[batched & data.noisy])
+    assert 0.8 < want < 1.0 and math.isclose(out["w_auc"], want, abs_tol=1e-6), (out["w_auc"], want)
+
+
+def test_effective_batch_against_closed_forms():
+    """n_eff = (sum w)^2 / sum w^2: k for k equal weights among zeros, whatever their value; 100 / 30 for
+    1, 2, 3, 4; B / (1 + CV^2) with the population CV, in float64 numpy; the same for w and w / mean w."""
+    seed = fresh_seed()
+    for k, value in ((1, 0.3), (5, 0.01), (128, 0.9)):
+        w = torch.zeros(128)
+        w[torch.randperm(128)[:k]] = value
+        assert molere.effective_batch(w).item() == pytest.approx(k, rel=1e-5), (seed, k)
+    assert molere.effective_batch(torch.tensor([1.0, 2.0, 3.0, 4.0])).item() == pytest.approx(100 / 30, rel=1e-6)
+    w = torch.rand(64, dtype=torch.float64) ** 3
+    ref = 64 / (1 + (np.std(w.numpy()) / np.mean(w.numpy())) ** 2)
+    assert molere.effective_batch(w).item() == pytest.approx(ref, rel=1e-12), seed
+    assert molere.effective_batch(w / w.mean()).item() == pytest.approx(ref, rel=1e-12), seed
+    assert molere.effective_batch(torch.zeros(8)).item() == 0.0  # L2RW's all-zero batch: no sample counts
+
+
+def test_the_epoch_log_carries_n_eff_as_the_mean_over_its_batches(monkeypatch):
+    """train_steps averages each batch's n_eff of the raw weights it gave the classifier step."""
+    fresh_seed()
+    cfg, data, run = small_run("lrw-random", 0)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, 0)
+    seen_w = []
+    weights = molere.sample_weights
+    monkeypatch.setattr(molere, "sample_weights", lambda *a: seen_w.append(weights(*a)) or seen_w[-1])
+    stats, _ = molere.train_epoch(run, data, cfg)
+    want = np.mean([float(w.sum() ** 2 / (w * w).sum()) for w in seen_w])
+    assert len(seen_w) == stats["steps"] > 1 and stats["n_eff"] == pytest.approx(want, rel=1e-5)
+
+
+def test_collapse_warning_once_when_n_eff_stays_below_a_quarter_of_the_batch():
+    log = lambda *n: [dict(epoch=i + 1, n_eff=v) for i, v in enumerate(n)]
+    B = 128
+    assert molere_cli.collapse_warning(log(100, 20, 20), B) is None  # two epochs low: not yet
+    line = molere_cli.collapse_warning(log(100, 20, 20, 14.4), B)
+    assert line is not None and "about 14 of 128 samples" in line and "\n" not in line
+    assert molere_cli.collapse_warning(log(100, 20, 20, 14, 9), B) is None  # said once
+    assert molere_cli.collapse_warning(log(20, 20, 20, 50, 20, 20, 20), B) is not None  # again after a recovery
+    assert molere_cli.collapse_warning(log(32, 32, 32), B) is None  # B / 4 itself is not below
+    assert molere_cli.collapse_warning([dict(epoch=e) for e in (1, 2, 3)], B) is None  # ERM: no weights
