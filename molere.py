@@ -36,11 +36,23 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:  # installed (pip install -e .): the kernel package is molere_kernels; in a checkout, kernels/
+try:  # E3's fused Triton kernel: molere_kernels once installed (pip install -e .), kernels/ in a checkout
     from molere_kernels import weighted_cross_entropy
 except ImportError:
-    from kernels import weighted_cross_entropy
-from molere_world import my_share, world, world_mean, world_sum, wrap  # torchrun; the identity in one process
+    try:
+        from kernels import weighted_cross_entropy
+    except ImportError:  # molere.py copied alone: the same numbers in plain torch
+        def weighted_cross_entropy(logits, labels, weights, return_losses=False):
+            """mean_i w_i l_i and (with return_losses) the per-sample losses l_i, fp32 and detached."""
+            losses = F.cross_entropy(logits.float(), labels, reduction="none")
+            loss = (weights.float() * losses).mean()
+            return (loss, losses.detach()) if return_losses else loss
+try:  # one run over several processes (torchrun)
+    from molere_world import my_share, world, world_mean, world_sum, wrap
+except ImportError:  # molere.py copied alone: one process
+    my_share = world_mean = world_sum = lambda t: t
+    world = lambda: 1
+    wrap = lambda model, device: model
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # noise from torch.func
 
@@ -138,10 +150,79 @@ class Config:
             if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-        from molere_io import ConfigError, config_problem  # the checks need torchvision: imported when used
-        bad = config_problem(self)  # the first value no run can use, as one line
+        bad = config_problems(self)  # every value no run can use, together in one line
         if bad:
-            raise ConfigError(bad)
+            raise ConfigError("; ".join(bad))
+
+
+class ConfigError(ValueError):
+    """Config values that no run can use (the command line prints them as one line, exit 2)."""
+
+
+DATASETS = ("synthetic", "spurious", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
+
+
+def config_problems(cfg):
+    """Every value of a Config that no run can use, one line each (none: fine), whatever the data.
+    What only torchvision can tell (a tv:NAME model and its smallest input) is checked where the
+    model is built (molere_io.model_problems); what only the data can tell, where the run is set up
+    (molere_cli.fit_problems)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+
+    def number(text):
+        with contextlib.suppress(ValueError):
+            return float(text)
+
+    choice = lambda name, allowed: (getattr(cfg, name) in allowed, f"{flag(name)} must be "
+                                    f"{' or '.join(allowed)}, got {getattr(cfg, name)!r}")
+    noise, _, p = cfg.noise.partition(":")
+    meta, _, n = cfg.meta_set.partition(":")
+    kind, *size = cfg.dataset.split(":")
+    synthetic = kind == "synthetic" and 1 <= len(size) <= 2 and all(q.isdigit() for q in size) and \
+        int(size[0]) >= 100 and (len(size) == 1 or int(size[1]) >= 8)
+    checks = [
+        (cfg.dataset in DATASETS or kind == "folder" and len(cfg.dataset) > 7 or synthetic,
+         f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)}, synthetic:N[:SIDE] (N >= 100 "
+         f"images, SIDE >= 8 pixels) or folder:PATH"),
+        (cfg.image_size >= 16, f"--image-size must be at least 16, got {cfg.image_size}"),
+        (0 < cfg.delta <= 0.5, f"--delta must be in (0, 0.5], got {cfg.delta}"),
+        (cfg.K >= 1, f"--K must be at least 1, got {cfg.K}"),
+        choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
+        choice("splitter_data", ("val", "all")), choice("data_draw", ("fixed", "seed")),
+        (cfg.arch in ("wrn", "resnet32") or cfg.arch.startswith("tv:") and len(cfg.arch) > 3,
+         f"--arch must be wrn, resnet32 or tv:NAME (a torchvision classification model), got {cfg.arch!r}"),
+        (not cfg.weights or cfg.arch.startswith("tv:"), "--weights is for --arch tv:NAME only"),
+        choice("meta_input", ("features", "features+loss")), choice("meta_lr_per", ("meta-step", "step")),
+        choice("meta_init", ("uniform", "loss-first")),
+        (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0,
+         f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {cfg.depth}"),
+        *((getattr(cfg, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(cfg, k)}")
+          for k in ("width", "epochs", "batch_size", "resplit_every", "hidden")),
+        (cfg.meta_steps_min >= 0, f"--meta-steps-min must be 0 (off) or more, got {cfg.meta_steps_min}"),
+        *((0 < getattr(cfg, k) < math.inf, f"{flag(k)} must be a finite positive number, got {getattr(cfg, k)}")
+          for k in ("lr", "meta_lr", "split_lr")),
+        (0 <= cfg.momentum < 1 and 0 <= cfg.wd < math.inf and 0 < cfg.gamma <= 1,
+         "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"),
+        (all(0 < m <= 1 for m in cfg.milestones),
+         f"--milestones are fractions of --epochs, each in (0, 1], got {list(cfg.milestones)}"),
+        (0 <= cfg.meta_wd < math.inf and 0 <= cfg.meta_bound < math.inf,
+         "--meta-wd and --meta-bound must be finite and non-negative"),
+        (0 <= cfg.lambda_size < math.inf and 0 <= cfg.lambda_bal < math.inf,
+         "--lambda-size and --lambda-bal must be finite and non-negative"),
+        (0 <= cfg.dropout < 1 and cfg.warmup_epochs >= 0 and cfg.train_subset >= 0,
+         "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"),
+        (1 <= cfg.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {cfg.imbalance}"),
+        (cfg.noise == "none" or (noise in ("uniform", "pair", "instance") and 0 < (number(p) or 0) < 1),
+         f"--noise must be none, uniform:p, pair:p or instance:p with p in (0, 1), got {cfg.noise!r}"),
+        (cfg.meta_set == "split" or (meta in ("clean", "outside") and n.isdigit() and int(n) > 0) or
+         (meta == "folder" and n),
+         f"--meta-set must be split, clean:N or outside:N with N >= 1, or folder:PATH, got {cfg.meta_set!r}"),
+        (meta != "folder" or kind == "folder",
+         "--meta-set folder:PATH needs --dataset folder:PATH (its images are read and transformed alike)"),
+        (meta != "outside" or kind != "folder",
+         "--meta-set outside:N draws from a built-in set's training images; for a folder, use folder:PATH"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -487,6 +568,26 @@ def split_size(method, data, delta):
     return int(per_class_k(torch.bincount(data.y, minlength=data.classes), delta).sum())
 
 
+def fit_problems(cfg, methods, data):
+    """What of `cfg` does not fit this data for these methods, one line each, and flags that would fit,
+    built from the data's size: ([lines], {flag: value}); ([], {}) when all fit. A warm-up that
+    leaves MOLERE no epoch on its split; a batch larger than S_tr or S_val (every S_val a run draws
+    from holds round(delta n_c) images of each class c, or the fixed meta set)."""
+    problems, fix = [], {}
+    if any(METHODS[m].split == "splitter" for m in methods) and cfg.warmup_epochs >= cfg.epochs:
+        problems.append(f"--warmup-epochs {cfg.warmup_epochs} leaves MOLERE no epoch on the splitter's split "
+                        f"(--epochs {cfg.epochs})")
+        fix["--warmup-epochs"] = cfg.epochs // 4
+    n = len(data.y)
+    val = int(per_class_k(torch.bincount(data.y, minlength=data.classes), cfg.delta).sum())
+    split = any(METHODS[m].split != "none" for m in methods)
+    if cfg.batch_size > (min(val, n - val) if split else n):
+        problems.append(f"--batch-size {cfg.batch_size} is larger than a split (train {n - val if split else n}"
+                        f"{f', validation {val}' if split else ''} of {n} images)")
+        fix["--batch-size"] = 2 ** int(math.log2(max(1, min(val, n - val) if split else n)))
+    return problems, fix
+
+
 def meta_every(cfg, spec, n_train):
     """E7, classifier steps per meta step (and splitter step): 1 for MW-Net and L2RW; else K,
     lowered where a run would make fewer than cfg.meta_steps_min meta steps (RESULTS section 8: the
@@ -510,6 +611,9 @@ class Run:
     STATE = ("model", "meta", "splitter", "opt", "sched", "opt_meta", "opt_split")
 
     def __init__(self, cfg, method, seed, data, device, compile=False):
+        problems, fix = fit_problems(cfg, [method], data)
+        if problems:
+            raise ConfigError(f"{'; '.join(problems)}; this would fit: {' '.join(f'{k} {v}' for k, v in fix.items())}")
         torch.manual_seed(seed)
         self.method, self.seed, self.device, self.spec = method, seed, device, METHODS[method]
         self.model = make_model(cfg, data.classes).to(device)  # f_theta: the one handle to the classifier

@@ -20,11 +20,11 @@ import torch
 
 import torch.distributed as dist
 
-from molere import (METHODS, NEEDS_ERM, Config, Run, accuracy, initial_split, instance_weights,
-                    margins, meta_input, per_class_topk, predict, rng_state, set_rng, train)
+from molere import (METHODS, NEEDS_ERM, Config, ConfigError, Run, accuracy, fit_problems, initial_split, instance_weights,
+                    margins, meta_input, predict, rng_state, set_rng, train)
 from molere_world import rank, spread_over, world
 from molere_data import load_data
-from molere_io import (ConfigError, UserError, append_result, device_name, has_checkpoint, load_torchvision,
+from molere_io import (UserError, append_result, device_name, has_checkpoint, load_torchvision, model_problems,
                        make_writable_folder, read_checkpoint, read_results, run_lock, source_version,
                        write_checkpoint)
 from molere_report import auc, report_table
@@ -510,14 +510,8 @@ def plan_of(method):
     return list(ALL) if method == "all" else [m for m in METHODS if m in method.split(",")]
 
 
-def check_plan(cfg, rt, plan, seeds, data):
-    """What only the whole plan can tell: split sizes and existing checkpoints, before any step."""
-    n = len(data.y)
-    val = int(per_class_topk(torch.zeros(n, device=data.y.device), data.y, cfg.delta, data.classes).sum())
-    needs_split = any(m != "erm" for m in plan)
-    if cfg.batch_size > (min(val, n - val) if needs_split else n):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than a split (train {n - val if needs_split else n}"
-                          f"{f', validation {val}' if needs_split else ''} of {n} images): lower it or raise --delta")
+def check_checkpoints(cfg, rt, plan, seeds):
+    """Existing checkpoints of the plan, before any step: each needs --resume and this config."""
     for seed in seeds:
         for m in plan:
             path = checkpoint_path(rt, cfg, m, seed)
@@ -525,6 +519,18 @@ def check_plan(cfg, rt, plan, seeds, data):
                 if not rt.resume:
                     raise UserError(f"{path} exists: pass --resume to continue it, or use another --out")
                 read_checkpoint(path, config_record(cfg))
+
+
+def with_flags(argv, fix):
+    """The command line `argv` with each flag of `fix` set to its value (replaced, or added)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in fix:
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out + [str(part) for k, v in fix.items() for part in (k, v)]
 
 
 def same_data(ckpt, path, data):
@@ -601,43 +607,53 @@ def model_name(cfg):
 def setup(argv=None):
     """Everything checked before any work: the flags (Config), then the data, the split sizes,
     existing checkpoints and --out. Returns (args, cfg, rt, data); bad input ends in one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+        problems, cfg = [], None
+        try:
+            cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+            problems += model_problems(cfg)
+        except ConfigError as e:
+            problems.append(str(e))
+        plan = plan_of(args.method)
         unknown = [m for m in args.method.split(",") if m not in [*METHODS, "all"]]
         if unknown or ("all" in args.method.split(",") and args.method != "all"):
-            raise ConfigError(f"unknown --method {args.method!r}: choose from {', '.join([*METHODS, 'all'])}, "
-                              f"or a comma list of methods")
-        if cfg.meta_set != "split" and set(NEEDS_ERM) & set(plan_of(args.method)):
-            raise ConfigError(f"--meta-set {cfg.meta_set} fixes S_val, so LRW-Easy and LRW-Hard have no split to "
-                              f"choose: run erm,erm-tr,lrw-random,mwn,l2rw,molere")
+            problems.append(f"unknown --method {args.method!r}: choose from {', '.join([*METHODS, 'all'])}, "
+                            f"or a comma list of methods")
+        if cfg and cfg.meta_set != "split" and set(NEEDS_ERM) & set(plan):
+            problems.append(f"--meta-set {cfg.meta_set} fixes S_val, so LRW-Easy and LRW-Hard have no split to "
+                            f"choose: run erm,erm-tr,lrw-random,mwn,l2rw,molere")
         if min(args.seeds) < 0:
-            raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
+            problems.append(f"--seeds must be non-negative, got {args.seeds}")
         if args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
-            raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
-        if any(METHODS[m].split == "splitter" for m in plan_of(args.method)) and cfg.warmup_epochs >= cfg.epochs:
-            raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves MOLERE no epoch on the splitter's "
-                              f"split (--epochs {cfg.epochs}): lower it")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device} asked for, but torch sees no CUDA device")
+            problems.append(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+        elif args.device.startswith("cuda") and not torch.cuda.is_available():
+            problems.append(f"--device {args.device} asked for, but torch sees no CUDA device")
+        if args.tensorboard and tensorboard_writer is None:
+            problems.append("--tensorboard needs the tensorboard package, which requirements.txt leaves out: "
+                            "pip install tensorboard (or leave the flag off: OUT/metrics.jsonl has the same numbers)")
+        if args.workers < 0:
+            problems.append(f"--workers must be non-negative, got {args.workers}")
+        if problems:
+            raise ConfigError("; ".join(problems))
         if args.threads:
             torch.set_num_threads(args.threads)
         device = join_torchrun(args, cfg) or torch.device(args.device if args.device != "auto" else
                                                           ("cuda" if torch.cuda.is_available() else "cpu"))
-        if args.tensorboard and tensorboard_writer is None:
-            raise ConfigError("--tensorboard needs the tensorboard package, which requirements.txt leaves out: "
-                              "pip install tensorboard (or leave the flag off: OUT/metrics.jsonl has the same numbers)")
         rt = Runtime(device, args.out, args.resume, args.compile, args.eval_every, args.tensorboard)
         if args.report:
             return args, cfg, rt, None
         if cfg.weights:  # a file that does not fit the model: refused now, not at the first run
             load_torchvision(cfg.arch[3:], cfg.weights)
-        if args.workers < 0:
-            raise ConfigError(f"--workers must be non-negative, got {args.workers}")
         data = load_data(cfg, device, args.data_root, not args.no_download, args.workers, args.seeds[0])
-        check_plan(cfg, rt, plan_of(args.method), args.seeds, data)
+        problems, fix = fit_problems(cfg, plan, data)
+        if problems:
+            raise ConfigError(f"{'; '.join(problems)} ({len(data.y)} training images, {data.classes} classes). "
+                              f"This would fit: python molere.py {' '.join(with_flags(argv, fix))}")
+        check_checkpoints(cfg, rt, plan, args.seeds)
         make_writable_folder(rt.out, "--out")
-    except UserError as e:
+    except (UserError, ConfigError) as e:
         fail(str(e))
     return args, cfg, rt, data
 
@@ -664,7 +680,7 @@ def main(argv=None, handle_sigterm=False):
     try:
         run_plan(cfg, rt, plan_of(args.method), args.seeds, data, EpochBudget(args.stop_after),
                  lambda seed: load_data(cfg, rt.device, args.data_root, not args.no_download, args.workers, seed))
-    except UserError as e:
+    except (UserError, ConfigError) as e:
         fail(str(e))
     except StopAfter:
         print(f"stopped after {args.stop_after} epoch(s) (--stop-after); continue with --resume", flush=True)

@@ -1,7 +1,7 @@
 """
 What molere.py needs from its surroundings, and what can go wrong there, kept apart so that
 molere.py reads as the method:
-  config values     checked in one place (`config_problem`), for the CLI and for Python alike
+  config values     those only torchvision can check (`model_problems`; the rest: molere.config_problems)
   data files        CIFAR pickles read by our own reader through an unpickler that runs no
                     code; the packed subset a GPU call carries
   torch.compile     with a one-line fallback to eager where it cannot compile (`Compiled`)
@@ -32,8 +32,8 @@ class UserError(Exception):
     """Bad input, missing data, a checkpoint that does not fit: the CLI prints one line, exit 2."""
 
 
-class ConfigError(UserError):
-    """A flag value that no run can use."""
+class ModelError(UserError):
+    """A classifier (--arch tv:NAME) or a weights file that does not fit the run."""
 
 
 class DataError(UserError):
@@ -44,78 +44,6 @@ class ConfigMismatch(UserError):
     """A checkpoint made under another Config."""
 
 # ----------------------------------------------------------------------------- CIFAR pickles
-
-
-DATASETS = ("synthetic", "spurious", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
-
-
-def _number(text):
-    with contextlib.suppress(ValueError):
-        return float(text)
-    return None
-
-
-def _synthetic_ok(dataset):
-    """synthetic:N or synthetic:N:SIDE with N >= 100 training images and SIDE >= 8 pixels."""
-    kind, *parts = dataset.split(":")
-    return kind == "synthetic" and 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts) and \
-        int(parts[0]) >= 100 and (len(parts) == 1 or int(parts[1]) >= 8)
-
-
-def config_problem(cfg):
-    """The first value of a molere.Config that no run can use, as one line; None if all are
-    fine. Config checks itself with this when built, from the CLI or from Python."""
-    flag = lambda name: "--" + name.replace("_", "-")
-    choice = lambda name, allowed: (getattr(cfg, name) in allowed, f"{flag(name)} must be "
-                                    f"{' or '.join(allowed)}, got {getattr(cfg, name)!r}")
-    noise, _, p = cfg.noise.partition(":")
-    meta, _, n = cfg.meta_set.partition(":")
-    checks = [
-        (cfg.dataset in DATASETS or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7 or _synthetic_ok(cfg.dataset),
-         f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)}, synthetic:N[:SIDE] or folder:PATH"),
-        choice("data_draw", ("fixed", "seed")),
-        (cfg.image_size >= 16, f"--image-size must be at least 16, got {cfg.image_size}"),
-        (0 < cfg.delta <= 0.5, f"--delta must be in (0, 0.5], got {cfg.delta}"),
-        (cfg.K >= 1, f"--K must be at least 1, got {cfg.K}"),
-        choice("meta_grad", ("fast", "reference")), choice("weight_norm", ("batch", "none")),
-        choice("splitter_data", ("val", "all")),
-        (cfg.arch in ("wrn", "resnet32") or
-         cfg.arch.startswith("tv:") and cfg.arch[3:] in torchvision.models.list_models(module=torchvision.models),
-         f"--arch must be wrn, resnet32 or tv:NAME with NAME a torchvision classification model (tv:resnet18, "
-         f"tv:resnet50, tv:vit_b_16, ...), got {cfg.arch!r}"),
-        _input_size_problem(cfg),
-        (not cfg.weights or cfg.arch.startswith("tv:"), "--weights is for --arch tv:NAME only"),
-        choice("meta_input", ("features", "features+loss")), choice("meta_lr_per", ("meta-step", "step")),
-        choice("meta_init", ("uniform", "loss-first")),
-        (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0,
-         f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {cfg.depth}"),
-        *((getattr(cfg, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(cfg, k)}")
-          for k in ("width", "epochs", "batch_size", "resplit_every", "hidden")),
-        (cfg.meta_steps_min >= 0, f"--meta-steps-min must be 0 (off) or more, got {cfg.meta_steps_min}"),
-        *((0 < getattr(cfg, k) < math.inf, f"{flag(k)} must be a finite positive number, got {getattr(cfg, k)}")
-          for k in ("lr", "meta_lr", "split_lr")),
-        (0 <= cfg.momentum < 1 and 0 <= cfg.wd < math.inf and 0 < cfg.gamma <= 1,
-         "--momentum must be in [0, 1), --wd finite and non-negative, --gamma in (0, 1]"),
-        (all(0 < m <= 1 for m in cfg.milestones),
-         f"--milestones are fractions of --epochs, each in (0, 1], got {list(cfg.milestones)}"),
-        (0 <= cfg.meta_wd < math.inf and 0 <= cfg.meta_bound < math.inf,
-         "--meta-wd and --meta-bound must be finite and non-negative"),
-        (0 <= cfg.lambda_size < math.inf and 0 <= cfg.lambda_bal < math.inf,
-         "--lambda-size and --lambda-bal must be finite and non-negative"),
-        (0 <= cfg.dropout < 1 and cfg.warmup_epochs >= 0 and cfg.train_subset >= 0,
-         "--dropout must be in [0, 1); --warmup-epochs and --train-subset non-negative"),
-        (1 <= cfg.imbalance < math.inf, f"--imbalance is a ratio n_max / n_min, at least 1, got {cfg.imbalance}"),
-        (cfg.noise == "none" or (noise in ("uniform", "pair", "instance") and 0 < (_number(p) or 0) < 1),
-         f"--noise must be none, uniform:p, pair:p or instance:p with p in (0, 1), got {cfg.noise!r}"),
-        (cfg.meta_set == "split" or (meta in ("clean", "outside") and n.isdigit() and int(n) > 0) or
-         (meta == "folder" and n),
-         f"--meta-set must be split, clean:N or outside:N with N >= 1, or folder:PATH, got {cfg.meta_set!r}"),
-        (meta != "folder" or cfg.dataset.startswith("folder:"),
-         "--meta-set folder:PATH needs --dataset folder:PATH (its images are read and transformed alike)"),
-        (meta != "outside" or not cfg.dataset.startswith("folder:"),
-         "--meta-set outside:N draws from a built-in set's training images; for a folder, use folder:PATH"),
-    ]
-    return next((message for ok, message in checks if not ok), None)
 
 
 CIFAR = {
@@ -254,26 +182,45 @@ class Compiled:
         return self.fn(*args)
 
 
-def _input_size_problem(cfg):
-    """(ok, message) for a torchvision model's smallest input (its weights' `min_size`) against the
-    images it will see: --image-size for a folder, 32 for CIFAR and the synthetic set. A ViT without
-    weights is built for the images it sees, so it has no such bound."""
+def model_problems(cfg):
+    """The Config values that only torchvision can check, as lines (none: fine): --arch tv:NAME must
+    be a torchvision classification model, and the images must be at least its smallest input (its
+    weights' `min_size`): --image-size for a folder, the source's own side otherwise. A ViT without
+    weights is built for the images it sees, so it has no such bound. The checks that need no
+    torchvision are molere.config_problems."""
+    if not cfg.arch.startswith("tv:"):
+        return []
     name = cfg.arch[3:]
-    if not cfg.arch.startswith("tv:") or name not in torchvision.models.list_models(module=torchvision.models) \
-            or (name.startswith("vit") and not cfg.weights):
-        return True, ""
-    side = cfg.image_size if cfg.dataset.startswith("folder:") else 32
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return [f"--arch must be wrn, resnet32 or tv:NAME with NAME a torchvision classification model "
+                f"(tv:resnet18, tv:resnet50, tv:vit_b_16, ...), got {cfg.arch!r}"]
+    if name.startswith("vit") and not cfg.weights:
+        return []
+    side = image_side(cfg)
     least = max(next(iter(torchvision.models.get_model_weights(name))).meta.get("min_size", (1, 1)))
-    return side >= least, (f"--arch tv:{name} needs images of at least {least} x {least} pixels; it would see "
-                           f"{side} x {side} ({'--image-size' if cfg.dataset.startswith('folder:') else 'CIFAR'})")
+    if side >= least:
+        return []
+    return [f"--arch tv:{name} needs images of at least {least} x {least} pixels; it would see "
+            f"{side} x {side} ({'--image-size' if cfg.dataset.startswith('folder:') else cfg.dataset})"]
+
+
+def image_side(cfg):
+    """The side of the images the classifier sees: --image-size for a folder, SIDE for synthetic:N:SIDE,
+    32 for CIFAR and the built-in sets."""
+    if cfg.dataset.startswith("folder:"):
+        return cfg.image_size
+    parts = cfg.dataset.split(":")
+    return int(parts[2]) if parts[0] == "synthetic" and len(parts) == 3 else 32
 
 
 def other_classifier(cfg, classes):
     """f_theta for --arch resnet32 | tv:NAME (molere.make_model builds the Wide-ResNet itself)."""
     if cfg.arch == "resnet32":
         return ResNet32(classes)
-    size = cfg.image_size if cfg.dataset.startswith("folder:") else 32  # CIFAR: 32 x 32
-    return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, size), classes)
+    bad = model_problems(cfg)
+    if bad:
+        raise ModelError("; ".join(bad))
+    return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, image_side(cfg)), classes)
 
 
 class ResNet32(nn.Module):
@@ -321,7 +268,7 @@ class Torchvision(nn.Module):
         super().__init__()
         heads = [(n, m) for n, m in body.named_modules() if isinstance(m, nn.Linear)]
         if not heads:
-            raise ConfigError(f"--arch tv:{type(body).__name__} has no Linear head to replace")
+            raise ModelError(f"--arch tv:{type(body).__name__} has no Linear head to replace")
         name, head = heads[-1]
         parent = body.get_submodule(name.rpartition(".")[0])
         setattr(parent, name.rpartition(".")[2], nn.Identity())

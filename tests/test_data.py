@@ -5,7 +5,7 @@ import torch
 
 import molere
 import molere_data
-from molere_io import ConfigError
+from molere import ConfigError
 
 CPU = torch.device("cpu")
 

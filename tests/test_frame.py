@@ -133,7 +133,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, extra, msg):
 
 
 def test_config_refuses_bad_values_when_built_in_python():
-    with pytest.raises(molere_io.ConfigError, match="--delta"):
+    with pytest.raises(molere.ConfigError, match="--delta"):
         molere.Config(delta=0.7)
     cfg = molere.Config(milestones=[0.5, 0.75])
     assert cfg.milestones == (0.5, 0.75) and molere_cli.config_hash(cfg) == molere_cli.config_hash(molere.Config(milestones=(0.5, 0.75)))
