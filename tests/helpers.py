@@ -21,6 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
+def docs_code(name=""):
+    """The code of docs/library.md's example block `name` ("" the meta-gradient one, "splitter", "alone"),
+    which the tests run as it stands."""
+    text = open(os.path.join(ROOT, "docs", "library.md")).read()
+    code = text.split(f"<!-- example{' ' + name if name else ''} -->", 1)[1].split("<!-- /example -->", 1)[0]
+    return code.split("```python", 1)[1].split("```", 1)[0]
+
+
 def fresh_seed():
     """A new random seed for this test, printed (pytest shows it when the test fails)."""
     seed = torch.seed() % 2**31
