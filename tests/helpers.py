@@ -3,6 +3,7 @@ written out two ways (the chain rule through METHOD.md §7's g, as `molere.meta_
 it, and an independent create_graph path all the way to phi), CIFAR files in the real pickle
 layout, and small runs."""
 import contextlib
+import json
 import os
 import pickle
 
@@ -27,6 +28,13 @@ def docs_code(name=""):
     text = open(os.path.join(ROOT, "docs", "library.md")).read()
     code = text.split(f"<!-- example{' ' + name if name else ''} -->", 1)[1].split("<!-- /example -->", 1)[0]
     return code.split("```python", 1)[1].split("```", 1)[0]
+
+
+def docs_example(name=""):
+    """docs/library.md's example block `name`, executed as it stands (not a copy of it): its names."""
+    scope = {}
+    exec(compile(docs_code(name), f"docs/library.md example {name}", "exec"), scope)
+    return scope
 
 
 def fresh_seed():
@@ -62,8 +70,7 @@ def tiny_setup(dropout=0.0, classes=5, n=12, dtype=torch.float64, smooth=False):
     with torch.no_grad():  # non-zero init so every meta parameter matters
         for p in meta.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
-    x, xv = torch.randn(n, 3, 8, 8, dtype=dtype), torch.randn(n, 3, 8, 8, dtype=dtype)
-    y, yv = torch.randint(0, classes, (n,)), torch.randint(0, classes, (n,))
+    x, y, xv, yv = batches(classes, n, dtype)
     with torch.no_grad():
         _, h = model(x)
     return model, meta, x, y, h.to(dtype), xv, yv
@@ -71,12 +78,9 @@ def tiny_setup(dropout=0.0, classes=5, n=12, dtype=torch.float64, smooth=False):
 
 
 def classifier_grads(model, meta, x, y, h, rng, weight_norm):
-    """The classifier step written out: G at theta under the dropout masks of `rng`."""
-    with molere.replay_rng(rng, x.device):
-        w = torch.sigmoid(meta(h, y)).detach()
-        logits, _ = model(x)
-        loss = weighted_cross_entropy(logits, y, w / w.mean() if weight_norm == "batch" else w)
-    return torch.autograd.grad(loss, list(model.parameters()))
+    """G at theta for g_phi's weights (normalised by `weight_norm`), under the dropout masks of `rng`."""
+    w = torch.sigmoid(meta(h, y)).detach()
+    return grads_at(model, x, y, w / w.mean() if weight_norm == "batch" else w, rng)
 
 
 
@@ -163,3 +167,36 @@ def small_run(method, seed, **overrides):
     data = molere_data.load_data(cfg, torch.device("cpu"))
     return cfg, data, molere.Run(cfg, method, seed, data, torch.device("cpu"))
 
+
+
+def batches(classes=5, n=12, dtype=torch.float64):
+    x, xv = torch.randn(n, 3, 8, 8, dtype=dtype), torch.randn(n, 3, 8, 8, dtype=dtype)
+    return x, torch.randint(0, classes, (n,)), xv, torch.randint(0, classes, (n,))
+
+
+def grads_at(model, x, y, w, rng):
+    """The classifier step written out: G = grad_theta mean_i w~_i l_i under the masks of `rng`."""
+    with molere.replay_rng(rng, x.device):
+        logits = model(x)[0]
+    return torch.autograd.grad(weighted_cross_entropy(logits, y, w), list(model.parameters()))
+
+
+def flat(params):
+    return torch.cat([p.detach().flatten() for p in params])
+
+
+CPU = torch.device("cpu")
+
+
+def records_of(tmp_path, capsys, *flags):
+    """Run molere.py's command line on TINY settings (the test set every epoch); its records, by method."""
+    out = tmp_path / "out"
+    run_main([*flags, "--out", str(out)] + TINY, capsys)
+    return {r["method"]: r for r in map(json.loads, open(out / "results.jsonl"))}
+
+
+class Boom:
+    """A pickled object that runs a command when loaded: what the readers must refuse."""
+
+    def __reduce__(self):
+        return (os.system, ("echo ran > " + os.environ["BOOM_FILE"],))

@@ -106,9 +106,9 @@ def test_meta_signal_measure_against_the_reference_and_a_real_step(tmp_path):
     reference written out in helpers (same batch, dropout masks and validation batch), and the
     sign of its alignment is what a small step of phi along -mean d does to the flipped-minus-
     clean weight gap (above 0: the gap falls)."""
+    import molere
     from helpers import fresh_seed, meta_grad_reference
     from tools import meta_signal
-    import molere
     torch.manual_seed(fresh_seed())
     _, cfg, rt, data = molere_cli.setup(["--dataset", "synthetic", "--train-subset", "200", "--depth", "10",
                                          "--width", "1", "--dropout", "0", "--epochs", "2", "--batch-size", "20",

@@ -107,7 +107,6 @@ def test_a_folder_run_with_a_torchvision_backbone_and_an_outside_meta_set(tmp_pa
     for method, labels in (("lrw-random", {1, 2}), ("molere", {0, 1, 2})):
         run = molere.Run(cfg, method, 0, data, torch.device("cpu"))
         run.val_mask = molere.initial_split(method, data, cfg.delta, 0)
-        val_idx = run.val_mask.nonzero().squeeze(1)
         drawn = torch.cat([molere.validation_batch(data, molere.validation_set(run, data), cfg)[1]
                            for _ in range(20)])
         assert set(drawn.tolist()) == labels, (method, drawn)

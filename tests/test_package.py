@@ -1,6 +1,6 @@
 """The method as a library: installed from pyproject.toml into a folder outside the repository,
 `import molere` works from anywhere, imports torch and the kernel only, installs no generic
-top-level names, and the README's two examples (the meta-gradient, the splitter) run there as
+top-level names, and docs/library.md's first two examples (the meta-gradient, the splitter) run there as
 they stand, with a frozen layer in the model."""
 import os
 import shutil
@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 
-from helpers import ROOT
-from test_reweighting import readme_code
+from helpers import ROOT, docs_code
 
 pytestmark = pytest.mark.slow  # runs the command line, subprocesses or whole trainings (README, Tests)
 
@@ -65,7 +64,7 @@ OUTSIDE = textwrap.dedent('''
 ''')
 
 
-def test_installed_package_runs_the_readme_examples_from_outside(tmp_path):
+def test_installed_package_runs_the_docs_examples_from_outside(tmp_path):
     target, work, source = tmp_path / "site", tmp_path / "elsewhere", tmp_path / "source"
     work.mkdir()
     # a copy of what pyproject.toml installs, so the build leaves nothing in the checkout
@@ -78,7 +77,7 @@ def test_installed_package_runs_the_readme_examples_from_outside(tmp_path):
     assert top == {"molere", "molere_cli", "molere_data", "molere_io", "molere_report", "molere_world", "molere_kernels",
                    "bin"}, top
     files = []
-    for name, code in (("meta.py", readme_code()), ("split.py", readme_code("splitter")), ("check.py", OUTSIDE)):
+    for name, code in (("meta.py", docs_code()), ("split.py", docs_code("splitter")), ("check.py", OUTSIDE)):
         (work / name).write_text(code)
         files.append(str(work / name))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
