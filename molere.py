@@ -126,6 +126,7 @@ class Config:
     meta_lr_per: str = "step"  # step (x K, E7) | meta-step
     meta_wd: float = 0.0  # weight decay of g_phi's Adam (MW-Net's own net keeps its published 1e-4)
     meta_bound: float = 0.0  # g_phi's logit bounded to (-c, c) by c tanh(logit / c); 0: unbounded
+    meta_logit: str = "free"  # free | centred (g_phi's logit minus its mean over the batch)
     split_lr: float = 0.001  # Adam's lr for P_Theta
     hidden: int = 100  # units of g_phi's and P_Theta's hidden layer
     meta_input: str = "features+loss"  # what g_phi sees: features+loss | features (E1)
@@ -193,7 +194,7 @@ def config_problems(cfg):
          f"--arch must be wrn, resnet32 or tv:NAME (a torchvision classification model), got {cfg.arch!r}"),
         (not cfg.weights or cfg.arch.startswith("tv:"), "--weights is for --arch tv:NAME only"),
         choice("meta_input", ("features", "features+loss")), choice("meta_lr_per", ("meta-step", "step")),
-        choice("meta_init", ("uniform", "loss-first")),
+        choice("meta_init", ("uniform", "loss-first")), choice("meta_logit", ("free", "centred")),
         (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0,
          f"--depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {cfg.depth}"),
         *((getattr(cfg, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(cfg, k)}")
@@ -325,9 +326,9 @@ class SampleNet(nn.Module):
       meta-network  g_phi(x, y)           = sigmoid(logit), the instance weight in (0, 1)
       splitter      P_Theta(val | x, y)   = sigmoid(logit)"""
 
-    def __init__(self, features, classes, hidden, p0=0.5, extra=0, init="uniform", bound=0.0):
+    def __init__(self, features, classes, hidden, p0=0.5, extra=0, init="uniform", bound=0.0, centred=False):
         super().__init__()
-        self.features, self.classes, self.extra, self.bound = features, classes, extra, bound
+        self.features, self.classes, self.extra, self.bound, self.centred = features, classes, extra, bound, centred
         self.net = nn.Sequential(nn.Linear(features + extra + classes, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
         nn.init.constant_(self.net[2].bias, math.log(p0 / (1 - p0)))  # start at sigmoid = p0
@@ -343,6 +344,8 @@ class SampleNet(nn.Module):
             feats, extra = h[:, :self.features], h[:, self.features:]
             z = [F.layer_norm(feats, feats.shape[1:]), extra, F.one_hot(y, self.classes).to(dtype)]
             logit = self.net(torch.cat(z, 1)).squeeze(1)
+            if self.centred:  # --meta-logit centred: the batch's mean logit is 0, so w / mean w is no softmax
+                logit = logit - world_mean(logit.mean())
             return self.bound * torch.tanh(logit / self.bound) if self.bound else logit  # --meta-bound
 
 
@@ -625,7 +628,7 @@ class Run:
         extra = int(cfg.meta_input == "features+loss")  # the loss as one more input column
         self.meta = (LossNet(cfg.hidden) if self.spec.weights == "loss" else  # g_phi
                      SampleNet(self.model.features, data.classes, cfg.hidden, extra=extra, init=cfg.meta_init,
-                               bound=cfg.meta_bound)
+                               bound=cfg.meta_bound, centred=cfg.meta_logit == "centred")
                      ).to(device)
         self.splitter = SampleNet(self.model.features, data.classes, cfg.hidden, p0=cfg.delta).to(device)  # P_Theta
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,

@@ -53,7 +53,7 @@ class Runtime:
 # checkpoints still match, even should a default change later.
 LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="",
              image_size=224, meta_lr_per="meta-step", meta_init="uniform",
-             meta_steps_min=0, data_draw="fixed", meta_wd=0.0, meta_bound=0.0)
+             meta_steps_min=0, data_draw="fixed", meta_wd=0.0, meta_bound=0.0, meta_logit="free")
 
 
 def config_record(cfg):
@@ -400,6 +400,8 @@ HELP = {  # each Config field's --help (molere.py keeps a one-line comment besid
                "net (--method mwn) keeps its published 1e-4",
     "meta_bound": "bound g_phi's logit to (-c, c) by c * tanh(logit / c), so the normalised weights w / mean w "
                   "stay within a ratio of about e^(2c) of each other; 0: unbounded",
+    "meta_logit": "free (g_phi's logit as the network gives it) | centred (minus its mean over the batch, so "
+                  "the weights cannot all sink into sigmoid's exponential tail, where w / mean w is a softmax)",
     "split_lr": "Adam learning rate of the splitter P_Theta",
     "hidden": "hidden units of the meta-network and the splitter",
     "meta_input": "what our meta-network g_phi sees: features+loss ([h(x), onehot(y)] and the sample's "
