@@ -260,3 +260,29 @@ def test_learning_curves_average_only_where_every_seed_tested():
     a, b = run({1, 3}, 0), run({2, 3}, 4)
     assert analyze.mean_where_all_have([a, b], "test_acc") == ([3], [32.0])  # (30 + 34) / 2
     assert analyze.mean_where_all_have([a, b], "loss") == ([1, 2, 3], [1.0, 1.0, 1.0])
+
+
+def test_over_run_table_reads_the_rule_off_the_logs():
+    """The long run's rule, by hand: the lowest AUC and n_eff from epoch 10, and the first epoch that breaks
+    AUC >= 0.8 or n_eff >= B/4; a run short of its epochs holds 'so far'."""
+    from tools import analyze
+    ok = [dict(epoch=e, w_auc=0.9, n_eff=40.0 + e, w_sat=0.1, fit_flipped=0.02, fit_clean=0.9) for e in range(1, 21)]
+    ok[3]["w_auc"] = 0.5  # before epoch 10: not ruled on
+    bad = [dict(e, n_eff=30.0 if e["epoch"] >= 14 else e["n_eff"], w_auc=0.79 if e["epoch"] == 17 else e["w_auc"])
+           for e in ok]
+    table = analyze.over_run_table({("a", 1): ok, ("b", 2): bad, ("erm", 3): [dict(epoch=1, loss=1.0)]}, 128, epochs=30)
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert len(rows) == 2  # ERM logged no n_eff
+    assert rows[0][3:5] == ["0.90 (10)", "50.00 (10)"] and rows[0][-1] == "holds so far |"
+    assert rows[1][3:5] == ["0.79 (17)", "30.00 (14)"] and rows[1][-1] == "fails from epoch 14 |"
+
+
+def test_every_study_folder_is_data_whose_flags_give_its_records_config():
+    """results/*/study.json: every folder of results/ is a study, and each study's flags (with its runs'
+    own) give the config hash of every committed record (the study ran, and reruns, as written)."""
+    from tools import study
+    folders = {p.name for p in study.RESULTS.iterdir() if p.is_dir()}
+    assert folders == set(study.studies()), folders ^ set(study.studies())
+    bad = [line for name, s in study.studies().items() for line in study.check(name, s)]
+    assert not bad, bad
+    assert all(s["kind"] in ("study", "pilots", "history") and s["about"] for s in study.studies().values())

@@ -136,6 +136,9 @@ def mde(sd, n, power=0.8):
 # a control's, which says so ("no direction predicted"): its verdict is a > b or a < b, not
 # supported or contradicted.
 FAMILIES = {
+    "known answer, noisy labels: every meta level against ERM (test accuracy)": (
+        lambda r: r["test_acc"] if r.get("noisy") and r["dataset"].startswith("synthetic") else None,
+        [("mwn", "erm"), ("l2rw", "erm"), ("lrw-random", "erm"), ("molere", "erm")]),
     "hard samples (minority test accuracy)": (
         lambda r: r.get("test_acc_minority"),
         [("lrw-hard", "lrw-random"), ("molere", "lrw-random"), ("lrw-hard", "erm"), ("molere", "erm")]),
@@ -146,11 +149,12 @@ FAMILIES = {
         lambda r: r["test_acc"] if r["config"].get("imbalance", 1) > 1 else None,
         [("mwn", "erm-cb"), ("lrw-random", "erm-cb"), ("molere", "erm-cb"), ("molere", "mwn")]),
     "noisy labels: against ERM (test accuracy)": (
-        lambda r: r["test_acc"] if r.get("noisy") and "best_meta_epoch" in r else None,
+        lambda r: r["test_acc"] if r.get("noisy") and "best_meta_epoch" in r and not r["dataset"].startswith("synthetic")
+        else None,
         [("mwn", "erm"), ("l2rw", "erm"), ("lrw-random", "erm"), ("molere", "erm")]),
     "noisy labels: against ERM-tr stopped at its best meta-set epoch (test accuracy)": (
         lambda r: (r["test_acc_best_meta"] if r["method"] == "erm-tr" else r["test_acc"])
-        if r.get("noisy") and "best_meta_epoch" in r else None,
+        if r.get("noisy") and "best_meta_epoch" in r and not r["dataset"].startswith("synthetic") else None,
         [("mwn", "erm-tr"), ("l2rw", "erm-tr"), ("lrw-random", "erm-tr"), ("molere", "erm-tr")]),
     "the paper's ordering on clean data (test accuracy)": (
         lambda r: r["test_acc"] if not r.get("noisy") and r.get("minority") is None
@@ -407,6 +411,50 @@ def meta_level_table(rows):
                          f"{in_val} | {earlier or '—'} | {series(log, 'w_auc')} | {peak(log, 'w_auc')} | "
                          f"{series(log, sat)} | {peak(log, sat)} | {dphi} |")
     return "\n".join(lines)
+
+
+def over_run_table(logs, batch_size, start=10, auc_min=0.8, epochs=None):
+    """The meta level over a whole run (the long run's rule): per run that logged the effective batch
+    (n_eff, the epoch's mean over its batches), the lowest weights' AUC and n_eff from epoch `start`
+    on, with their epochs, the last epoch's, and whether the rule held: AUC >= auc_min and
+    n_eff >= B / 4 at every epoch from `start` on (so far, for a run short of `epochs`). `logs`:
+    {(label, seed): [log entries by epoch]}."""
+    logs = {k: log for k, log in logs.items() if log and "n_eff" in log[-1]}
+    if not logs:
+        return None
+    head = ["run", "seed", "epochs", f"lowest AUC from epoch {start} (epoch)", f"lowest n_eff from epoch {start} (epoch)",
+            "last AUC", "last n_eff", "last w_sat", "fits flipped / clean, last epoch (%)",
+            f"AUC >= {auc_min} and n_eff >= B/4 = {batch_size / 4:g} from epoch {start}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (label, seed), log in logs.items():
+        late = [e for e in log if e["epoch"] >= start and e.get("w_auc") is not None]
+        low = lambda key: (lambda e: f"{e[key]:.2f} ({e['epoch']})")(min(late, key=lambda e: e[key])) if late else "—"
+        bad = next((e["epoch"] for e in late if e["w_auc"] < auc_min or e["n_eff"] < batch_size / 4), None)
+        rule = "—" if not late else f"fails from epoch {bad}" if bad else \
+            "holds" + (" so far" if epochs and log[-1]["epoch"] < epochs else "")
+        last = log[-1]
+        number = lambda key: f"{last[key]:.2f}" if last.get(key) is not None else "—"
+        fits = f"{100 * last['fit_flipped']:.1f} / {100 * last['fit_clean']:.1f}" if "fit_flipped" in last else "—"
+        lines.append(f"| {label} | {seed} | {last['epoch']} | {low('w_auc')} | {low('n_eff')} | {number('w_auc')} | "
+                     f"{last['n_eff']:.1f} | {number('w_sat')} | {fits} | {rule} |")
+    return "\n".join(lines)
+
+
+def over_run_files(files, batch_size=None):
+    """over_run_table for the runs of several results files (finished, and unfinished from their
+    metrics.jsonl), each run labelled by its folder: pilots that stop early (--stop-after) included.
+    B for the rule comes from a finished record's config, else from `batch_size`."""
+    logs, batch = {}, batch_size
+    for f in files:
+        label = os.path.basename(os.path.dirname(os.path.abspath(f)))
+        for r in molere_io.read_results(f):
+            logs[(f"{label} {r['method']}", r["seed"])] = r["log"]
+            batch = r["config"]["batch_size"]
+        for (m, seed), log in unfinished_runs(f).items():
+            logs.setdefault((f"{label} {m}", seed), log)
+    if batch is None:
+        raise SystemExit("analyze: error: no finished record gives the batch size B of the rule: pass --batch-size")
+    return over_run_table(logs, batch) or "no run of these files logged the effective batch (n_eff)"
 
 
 def compare_table(files):
@@ -732,17 +780,35 @@ def figures(rows, gains, curves, folder):
     print(f"\nfigures in {folder}: {', '.join(written)}")
 
 
+def write_block(path, kind, results, text):
+    """Replace the block between `<!-- KIND RESULTS -->` and `<!-- /KIND -->` of a markdown file."""
+    doc = open(path).read()
+    begin, end = f"<!-- {kind} {results} -->", f"<!-- /{kind} -->"
+    if begin not in doc:
+        raise SystemExit(f"analyze: error: {path} has no line {begin}")
+    head, rest = doc.split(begin, 1)
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="a results.jsonl (several with --compare)")
     p.add_argument("--compare", action="store_true", help="one table of runs from several files whose configs differ")
+    p.add_argument("--over-run", action="store_true", help="the meta level over the run (lowest AUC and n_eff from epoch "
+                   "10), for the runs of several files, finished or not, each labelled by its folder (pilots)")
+    p.add_argument("--batch-size", type=int, help="--over-run: B of the rule n_eff >= B/4 where no run has finished")
     p.add_argument("--figures", help="folder for the PNG figures")
     p.add_argument("--into", help="a markdown file whose analyze block for these results gets the tables")
+    p.add_argument("--family-into", help="a markdown file (RESULTS.md) whose family block for these results gets the "
+                                         "study's question alone: its family of comparisons, Holm-adjusted")
     p.add_argument("--held-out", help="a reference results.jsonl: held-out S_val accuracy of both, paired against "
                                       "its erm-tr of the same seed and split (the clean-data check of METHOD.md §9)")
     a = p.parse_args()
     if a.compare:
         return print(compare_table(a.results))
+    if a.over_run:
+        return print(over_run_files(a.results, a.batch_size))
     if len(a.results) > 1:
         p.error("several results files only with --compare")
     a.results = a.results[0]
@@ -752,6 +818,7 @@ def main():
         if not runs:
             raise SystemExit(f"analyze: error: no results in {a.results} and no metrics.jsonl beside it")
         print(f"No finished run yet in `{a.results}`; from its metrics.jsonl:\n\n{unfinished_table(runs, None)}")
+        print(f"\n{over_run_files([a.results], a.batch_size)}")
         if a.figures:
             print(f"\nfigures in {a.figures}: {progress_figure([], runs, a.figures)}")
         return
@@ -770,6 +837,10 @@ def main():
                 ("(b) early stopping on the meta set", early_stopping_table(rows)),
                 ("(c) regime check and meta-level diagnostics", regime_table(rows)),
                 ("(c) the meta level, per method and seed (METHOD.md §8)", meta_level_table(rows)),
+                ("(c) the meta level over the run: lowest AUC and effective batch from epoch 10",
+                 over_run_table({**{(report.method_label(r["method"]), r["seed"]): r["log"] for r in rows},
+                                 **{(report.method_label(m) + " (unfinished)", s): log for (m, s), log in runs.items()}},
+                                r0["config"]["batch_size"], epochs=r0["config"].get("epochs"))),
                 ("(c) MOLERE's re-splits", resplit_table(rows)),
                 ("(d) margin analysis: paired test-margin differences method − ERM (same image, same seed)",
                  margin_table(gains)),
@@ -786,13 +857,10 @@ def main():
     text = "\n".join(out)
     print(text)
     if a.into:
-        doc = open(a.into).read()
-        begin, end = f"<!-- analyze {a.results} -->", "<!-- /analyze -->"
-        if begin not in doc:
-            raise SystemExit(f"analyze: error: {a.into} has no line {begin}")
-        head, rest = doc.split(begin, 1)
-        with open(a.into, "w") as f:
-            f.write(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+        write_block(a.into, "analyze", a.results, text)
+    if a.family_into:
+        write_block(a.family_into, "family", a.results, f"{family_tables(rows)}\n\n(`python -m tools.analyze "
+                    f"{a.results} --family-into {a.family_into}`: {len(rows)} runs, seeds {sorted({r['seed'] for r in rows})})")
     if a.figures:
         figures(rows, gains, curves, a.figures)
         if runs:

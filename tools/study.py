@@ -16,8 +16,8 @@ study.json:
     workers   parallel processes (tools/schedule.py; default 2)
     tool      optional: a module that wraps molere.py (tools.spurious_pilot), with each run's
               "tool_flags" before `--`
-    analyze   optional extra tools/analyze.py flags (e.g. --held-out FILE); "compare": one table of
-              every run's records side by side
+    analyze   optional extra tools/analyze.py flags (e.g. --held-out FILE); with --compare or
+              --over-run, one table of every run's records side by side ("baseline": the first)
     commit    optional: the code the records ran on, where this code no longer gives their config
 """
 import argparse
@@ -124,11 +124,12 @@ def main():
         if done.returncode:  # the run has said why, in one line; its finished epochs are checkpointed
             sys.exit(done.returncode)
     folder = RESULTS / a.name
-    if s.get("analyze") == "compare":  # the baseline (a run's folder, or another study's records) first
+    many = {"--compare", "--over-run"} & set(s.get("analyze", []))
+    if many:  # pilots: one table of every run's records, the baseline (a run's folder or another study's) first
         base = s.get("baseline")
         files = [str(f / "results.jsonl") for f, _ in commands]
         first = [str(folder / base / "results.jsonl")] if base and (folder / base).is_dir() else [base] if base else []
-        tables = [sys.executable, "-m", "tools.analyze", "--compare", *first, *[f for f in files if f not in first]]
+        tables = [sys.executable, "-m", "tools.analyze", *s["analyze"], *first, *[f for f in files if f not in first]]
     else:
         readme = folder / "README.md"
         into = ["--into", str(readme)] if readme.exists() and \
