@@ -101,6 +101,29 @@ class StopAfter(Exception):
     """--stop-after reached: the checkpoint is written; --resume continues."""
 
 
+DIVERGED_X = 100  # a loss above this many times the smaller of its first epoch's and a uniform guess's has diverged
+
+
+def divergence(log, entry, steps, classes):
+    """One line if this epoch's training loss or validation loss L_val(theta') is not finite, or is above
+    DIVERGED_X times the smaller of its first epoch's value and ln C (the loss of a uniform guess over C
+    classes), so that a first epoch that already diverged is caught too; None otherwise. `steps`: the
+    epoch's step range, for the message."""
+    for key, name in (("loss", "training loss"), ("val_loss", "validation loss L_val")):
+        value = entry.get(key)
+        if value is None:
+            continue
+        first = (log[0] if log else entry).get(key, value)
+        bound = DIVERGED_X * min(first if math.isfinite(first) else math.inf, math.log(classes))
+        if not math.isfinite(value) or value > bound:
+            why = "" if not math.isfinite(value) else \
+                f", above {bound:.3g} ({DIVERGED_X} x the smaller of its first epoch's {first:.3g} and ln {classes})"
+            return (f"the run diverged at epoch {entry['epoch']} (steps {steps}): its {name} is {value:.4g}{why}; "
+                    f"lower --lr (now {entry['lr']:g}). The checkpoint of the last good epoch is kept, and no result "
+                    f"is written")
+    return None
+
+
 class EpochBudget:
     """How many more epochs this invocation may train (--stop-after; None: no limit), and the
     plan's clock: epochs left in the whole plan (`todo`, set by run_plan) at this invocation's pace."""
@@ -159,6 +182,10 @@ def train_run(cfg, rt, method, seed, data, val_mask, budget=None):
         if rt.tensorboard and rank() == 0 else None
 
     def on_epoch(run, entry, seen):
+        diverged = agree(divergence(run.log, entry, f"{run.step - entry['steps'] + 1}-{run.step}",
+                                         data.classes))  # torchrun: rank 0 decides
+        if diverged:  # before anything is written: the last good epoch's checkpoint stays
+            raise UserError(f"{tag} {diverged}")
         entry.update(epoch_diagnostics(run, data, seen))
         best = max((e["meta_acc"] for e in run.log if "meta_acc" in e), default=-1.0)
         if data.y_meta is not None:  # a fixed meta set: early stopping on it, test accuracy at each new best

@@ -280,6 +280,7 @@ class Torchvision(nn.Module):
         return self.fc(h), h
 
 
+_ANNOUNCED = set()  # --weights files whose dropped head has been said, once a process
 AUX_HEADS = ("googlenet", "inception_v3")  # their auxiliary classifiers are built off: one output, one head
 
 
@@ -294,11 +295,16 @@ def load_torchvision(name, weights="", image_size=32):
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights:
         state, ours = read_weights(weights)
-        head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
+        head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+        in_head = lambda key: key.rpartition(".")[0] == head
+        dropped = {k: tuple(v.shape) for k, v in state.items() if in_head(k)}
+        if dropped and weights not in _ANNOUNCED:  # the head is replaced for our classes whatever it was
+            _ANNOUNCED.add(weights)
+            print(f"--weights {weights}: its head's tensors ({', '.join(f'{k} {list(v)}' for k, v in dropped.items())}) "
+                  f"are dropped; the head is replaced for this data's classes", flush=True)
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            # our checkpoint holds the backbone without its own head (ours replaced it): that may miss
-            left = [k for k in missing if not (ours and head and k.rpartition(".")[0] == head[0])]
+            missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not in_head(k)}, strict=False)
+            left = [k for k in missing if not in_head(k)]  # the backbone must fit exactly
             if left or unexpected:
                 raise RuntimeError(f"missing keys {left[:3]}, unexpected keys {unexpected[:3]}")
         except Exception as e:
@@ -374,19 +380,34 @@ def run_lock(path, wait=None):
     """An exclusive lock on PATH.lock while this process trains the run whose checkpoint is
     PATH: yields True, or False (holding nothing) where another process holds it; with `wait`
     (a line to print), it waits for the lock instead. The kernel drops the lock when its holder
-    exits, however it exits."""
-    fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
+    exits, however it exits; a holder that ends normally also removes the file. A process that
+    got the lock on a file its holder had just removed tries again on the file now at PATH.lock."""
+    lock = path + ".lock"
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if wait is None:
+                os.close(fd)
                 yield False
                 return
-            print(wait, flush=True)
+            if wait:
+                print(wait, flush=True)
+                wait = ""  # said once, should the file change under it
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
         yield True
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # while still holding it, so no one can hold the removed file alongside a new one
         os.close(fd)
 
 

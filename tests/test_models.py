@@ -95,3 +95,32 @@ def test_weights_in_the_formats_people_have(tmp_path):
         with pytest.raises(molere_io.DataError) as e:
             molere_io.load_torchvision("resnet18", str(tmp_path / name))
         assert says in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_fine_tuned_on_any_class_count_loads_its_backbone_with_one_line(tmp_path, capsys):
+    """A torchvision-format {'model': state_dict} of a ResNet-18 fine-tuned on 10 classes (head [10, 512]) and
+    one on 1,000: the backbone's tensors load exactly, the head's are dropped with one line naming them,
+    and a run on 10-class data goes end to end; a backbone that does not fit is still refused."""
+    import torchvision
+    torch.manual_seed(fresh_seed())
+    capsys.readouterr()  # the seed's line
+    for classes in (10, 1000):
+        sd = torchvision.models.resnet18(num_classes=classes).state_dict()
+        path = tmp_path / f"ft{classes}.pt"
+        torch.save({"model": sd, "epoch": 30}, path)
+        model = molere_io.load_torchvision("resnet18", str(path))
+        assert torch.equal(model.conv1.weight, sd["conv1.weight"])
+        assert torch.equal(model.layer4[1].bn2.running_mean, sd["layer4.1.bn2.running_mean"])
+        said = capsys.readouterr().out.strip().splitlines()
+        assert len(said) == 1 and f"fc.weight [{classes}, 512]" in said[0] and "dropped" in said[0], said
+    out = tmp_path / "out"
+    argv = ["--dataset", "synthetic", "--train-subset", "200", "--arch", "tv:resnet18", "--epochs", "1",
+            "--batch-size", "20", "--method", "erm", "--out", str(out), "--weights", str(tmp_path / "ft10.pt")]
+    text = run_main(argv, capsys).out
+    assert len(molere_io.read_results(str(out / "results.jsonl"))) == 1
+    assert sum("are dropped" in line for line in text.splitlines()) <= 1  # said once, or already said above
+    bad = torchvision.models.resnet34(num_classes=10).state_dict()
+    torch.save({"model": bad}, tmp_path / "r34.pt")
+    with pytest.raises(molere_io.DataError, match="does not fit tv:resnet18"):
+        molere_io.load_torchvision("resnet18", str(tmp_path / "r34.pt"))

@@ -43,8 +43,9 @@ def jobs_of(args, cfg):
 
 
 def launch(argv, method, seed, worker, workers, device_type):
-    extra = ["--method", method, "--seeds", str(seed), "--resume",
-             "--threads", str(max(1, len(os.sched_getaffinity(0)) // workers))]
+    extra = ["--method", method, "--seeds", str(seed), "--resume"]
+    if "--threads" not in argv:  # an equal share of the cores, unless the plan names its threads
+        extra += ["--threads", str(max(1, len(os.sched_getaffinity(0)) // workers))]
     extra += ["--device", f"cuda:{worker % torch.cuda.device_count()}" if device_type == "cuda" else "cpu"]
     return subprocess.Popen([sys.executable, "-u", os.path.join(os.path.dirname(molere.__file__), "molere.py")]
                             + argv + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
