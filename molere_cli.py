@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -499,7 +500,8 @@ def build_parser():
       "TensorBoard event files in OUT/tensorboard/METHOD-seedN; needs the tensorboard package")
     a("--stop-after", type=int, default=0, help="stop cleanly after N epochs in this invocation (0: never)")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    a("--workers", type=int, default=4, help="--dataset folder:PATH: DataLoader processes that read images "
+    a("--workers", type=int, default=None, help="--dataset folder:PATH: DataLoader processes that read images "
+      "(default: 4, or fewer where this process may use fewer cores) "
       "(0: read in the main process)")
     a("--report", action="store_true", help="only print the results table of this config from OUT, train nothing")
     p.error = lambda msg: fail(msg)  # one clear line, not a usage dump
@@ -662,8 +664,15 @@ def setup(argv=None):
         if args.tensorboard and tensorboard_writer is None:
             problems.append("--tensorboard needs the tensorboard package, which requirements.txt leaves out: "
                             "pip install tensorboard (or leave the flag off: OUT/metrics.jsonl has the same numbers)")
-        if args.workers < 0:
+        cores = len(os.sched_getaffinity(0))
+        if args.workers is None:
+            args.workers = min(4, cores)
+        elif args.workers < 0:
             problems.append(f"--workers must be non-negative, got {args.workers}")
+        elif args.workers > cores and cfg and cfg.dataset.startswith("folder:"):
+            warnings.filterwarnings("ignore", message="This DataLoader will create")  # said here, once
+            print(f"--workers {args.workers}: more reading processes than the {cores} cores this process may use; "
+                  f"as asked", flush=True)
         if problems:
             raise ConfigError("; ".join(problems))
         if args.threads:

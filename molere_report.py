@@ -48,13 +48,13 @@ def method_label(m):
 
 def paper_column(rows, dataset):
     """The paper's figure for this setting, per method: Table 2's accuracy for the CIFAR-100
-    class-skew setting (ResNet-32, rho in 200/50/10/1), Fig. 1's CIFAR-100 gain for clean CIFAR
-    (CIFAR-10 labelled as the paper's CIFAR-100 gain), nothing for other data."""
+    class-skew setting (ResNet-32, rho in 200/50/10/1), Fig. 1's gain for clean CIFAR-100, nothing
+    for other data (CIFAR-10, a folder, synthetic: the paper has no number for them)."""
     cfg = rows[0]["config"] if rows else {}
     rho = cfg.get("imbalance", 1.0)
     if dataset == "cifar100" and cfg.get("arch") == "resnet32" and rho in PAPER_TABLE2["molere"]:
         return f"paper's accuracy (Table 2, ρ={rho:g})", {m: f"{v[rho]:.2f}" for m, v in PAPER_TABLE2.items()}
-    if "noise" in cfg or "imbalance" in cfg or dataset not in ("cifar100", "cifar10", "packed"):
+    if "noise" in cfg or "imbalance" in cfg or dataset != "cifar100":
         return "paper's figure", {}  # a setting or data the paper's Fig. 1 does not cover (a folder, synthetic)
     return "paper's CIFAR-100 gain", {m: f"{v:+.2f}" for m, v in PAPER_GAIN_CIFAR100.items()}
 

@@ -75,7 +75,8 @@ def test_installed_package_runs_the_docs_examples_from_outside(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     top = {name.split(".")[0] for name in os.listdir(target) if not name.endswith((".dist-info", "__pycache__"))}
     assert top == {"molere", "molere_cli", "molere_data", "molere_io", "molere_report", "molere_world", "molere_kernels",
-                   "bin"}, top
+                   "molere_analyze", "bin"}, top
+    assert {"molere", "molere-analyze"} <= set(os.listdir(target / "bin"))
     files = []
     for name, code in (("meta.py", docs_code()), ("split.py", docs_code("splitter")), ("check.py", OUTSIDE)):
         (work / name).write_text(code)
@@ -85,3 +86,17 @@ def test_installed_package_runs_the_docs_examples_from_outside(tmp_path):
     run = subprocess.run([sys.executable, files[2], str(target), files[0], files[1]], capture_output=True, text=True,
                          cwd=work, env=env, timeout=300)
     assert run.returncode == 0 and "outside: ok" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+    # the command line and the analysis from the same outside folder: a run without ERM draws no empty figure
+    out = work / "runs"
+    train = subprocess.run([sys.executable, "-m", "molere_cli", "--dataset", "synthetic", "--train-subset", "200",
+                            "--depth", "10", "--width", "1", "--epochs", "2", "--batch-size", "20", "--hidden", "8",
+                            "--method", "lrw-random", "--eval-every", "1", "--out", str(out)],
+                           capture_output=True, text=True, cwd=work, env=env, timeout=300)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    tables = subprocess.run([sys.executable, "-m", "molere_analyze", str(out / "results.jsonl"), "--figures",
+                             str(out / "fig")], capture_output=True, text=True, cwd=work, env=env, timeout=300)
+    assert tables.returncode == 0, tables.stdout[-2000:] + tables.stderr[-2000:]
+    assert "need ERM and another method on the same seeds: not drawn" in tables.stdout
+    drawn = set(os.listdir(out / "fig"))
+    assert "learning_curves.png" in drawn and not {"gain_over_erm.png", "margin_gain.png"} & drawn, drawn
+    assert "Warning" not in tables.stderr, tables.stderr[-1000:]

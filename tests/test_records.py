@@ -145,7 +145,7 @@ def test_two_writers_never_interleave(tmp_path):
 def test_records_are_strict_json_with_nan_as_null(tmp_path):
     """A NaN or infinity in a record (corr(w, l) of constant weights) is written as null: every
     line parses with a strict JSON parser, and the tables still read it."""
-    import tools.analyze as analyze
+    import molere_analyze as analyze
 
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")

@@ -165,7 +165,7 @@ def main(argv=None):
                     "--per-gpu", str(workers), "--", *cmd]
         code = subprocess.run(schedule, stdout=log, stderr=subprocess.STDOUT).returncode
     results = os.path.join(a.out, "results.jsonl")
-    analysis = subprocess.run([sys.executable, "-m", "tools.analyze", results, "--figures", a.out],
+    analysis = subprocess.run([sys.executable, "-m", "molere_analyze", results, "--figures", a.out],
                               capture_output=True, text=True)
     table = (f"{a.study} on {plan['device']}: {plan['seeds']} seed(s), {plan['epochs']} epochs, sized from the "
              f"probe in {a.out}/plan.json; {time.time() - t_start:.0f} s in all\n\n" + analysis.stdout)

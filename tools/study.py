@@ -129,12 +129,12 @@ def main():
         base = s.get("baseline")
         files = [str(f / "results.jsonl") for f, _ in commands]
         first = [str(folder / base / "results.jsonl")] if base and (folder / base).is_dir() else [base] if base else []
-        tables = [sys.executable, "-m", "tools.analyze", *s["analyze"], *first, *[f for f in files if f not in first]]
+        tables = [sys.executable, "-m", "molere_analyze", *s["analyze"], *first, *[f for f in files if f not in first]]
     else:
         readme = folder / "README.md"
         into = ["--into", str(readme)] if readme.exists() and \
             f"<!-- analyze results/{a.name}/results.jsonl -->" in readme.read_text() else []
-        tables = [sys.executable, "-m", "tools.analyze", f"results/{a.name}/results.jsonl", "--figures", str(folder),
+        tables = [sys.executable, "-m", "molere_analyze", f"results/{a.name}/results.jsonl", "--figures", str(folder),
                   *into, *s.get("analyze", [])]
     if subprocess.run(tables, cwd=ROOT).returncode:
         sys.exit(1)
