@@ -580,7 +580,7 @@ def fit_problems(cfg, methods, data):
     if any(METHODS[m].split == "splitter" for m in methods) and cfg.warmup_epochs >= cfg.epochs:
         problems.append(f"--warmup-epochs {cfg.warmup_epochs} leaves MOLERE no epoch on the splitter's split "
                         f"(--epochs {cfg.epochs})")
-        fix["--warmup-epochs"] = cfg.epochs // 4
+        fix["--warmup-epochs"] = max(1, cfg.epochs // 4) if cfg.epochs > 1 else 0
     n = len(data.y)
     val = int(per_class_k(torch.bincount(data.y, minlength=data.classes), cfg.delta).sum())
     split = any(METHODS[m].split != "none" for m in methods)

@@ -264,3 +264,57 @@ def test_a_scheduler_worker_killed_mid_run_is_reported_and_resumed(tmp_path, cap
     assert "1 runs on 2 CPU worker(s); 1 finished earlier" in text and "[lrw-random seed 0] resumed from" in text
     rows = molere_io.read_results(str(out / "results.jsonl"))
     assert sorted(r["method"] for r in rows) == ["erm", "lrw-random"]
+
+
+@pytest.mark.slow
+def test_flags_that_do_not_fit_the_data_are_named_together_with_a_command_that_fits(tmp_path, capsys):
+    """The recipe's defaults on 90 images: a warm-up as long as the run and a batch larger than a split are
+    named in one line, with the values that would fit; that command then runs. The same in Python: Config
+    names every bad value at once, and a Run every value that does not fit its data."""
+    argv = ["--dataset", "synthetic", "--train-subset", "90", "--depth", "10", "--width", "1", "--method", "molere",
+            "--epochs", "3", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        molere_cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "--warmup-epochs 25" in err and "--batch-size 128 is larger than a split (train 80, validation 10 of 90 images)" in err, err
+    fits = err.split("This would fit: python molere.py ", 1)[1].split()
+    assert fits[-4:] == ["--warmup-epochs", "1", "--batch-size", "8"], fits
+    run_main(fits + ["--stop-after", "1"], capsys)  # the suggestion runs
+    assert (tmp_path / "o" / "metrics.jsonl").exists()
+    with pytest.raises(molere.ConfigError) as e:
+        molere.Config(delta=0.7, K=0, lr=-1.0)
+    assert all(flag in str(e.value) for flag in ("--delta", "--K", "--lr")), e.value
+    cfg = molere.Config(dataset="synthetic", train_subset=90, depth=10, width=1, epochs=3)
+    data = molere_data.load_data(cfg, torch.device("cpu"))
+    with pytest.raises(molere.ConfigError, match="this would fit: --warmup-epochs 1 --batch-size 8"):
+        molere.Run(cfg, "molere", 0, data, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_stops_in_one_line_and_keeps_its_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """At lr 1e3 the first epoch's loss is astronomical: one line naming the epoch, its steps, the value and
+    "lower --lr", exit 2, no result. Where an epoch after a good one turns non-finite, the good epoch's
+    checkpoint stays as it was and readable, and no record is written."""
+    base = ["--dataset", "synthetic", "--train-subset", "200", "--method", "lrw-random", "--epochs", "3"] + TINY
+    with pytest.raises(SystemExit) as e:
+        molere_cli.main(base + ["--lr", "1e3", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "diverged at epoch 1 (steps 1-" in err and "lower --lr" in err and "training loss is" in err, err
+    assert not (tmp_path / "a" / "results.jsonl").exists()
+
+    steps = molere.train_steps
+    def nan_in_epoch_2(run, *a, **k):
+        stats, seen = steps(run, *a, **k)
+        return ({**stats, "loss": float("nan")} if run.epoch == 1 else stats), seen
+    monkeypatch.setattr(molere, "train_steps", nan_in_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        molere_cli.main(base + ["--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "diverged at epoch 2" in err and "is nan" in err, err
+    cfg = molere.Config(dataset="synthetic", train_subset=200, epochs=3, depth=10, width=1, dropout=0.1, batch_size=20,
+                        warmup_epochs=1, resplit_every=1, hidden=16)  # TINY's
+    ckpt = molere_io.read_checkpoint(str(tmp_path / "b" / "synthetic-lrw-random-seed0.pt"), molere_cli.config_record(cfg))
+    assert ckpt["epoch"] == 1 and not (tmp_path / "b" / "results.jsonl").exists()
+    assert not list((tmp_path / "b").glob("*.lock"))

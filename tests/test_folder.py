@@ -2,6 +2,8 @@
 torchvision reads them, a run end to end with a torchvision backbone and weights from a local
 file, the outside meta set as every reweighting method's S_val but MOLERE's, and bad folders
 refused in one line before any training."""
+import json
+import math
 import os
 
 import pytest
@@ -197,3 +199,40 @@ def test_resume_refuses_data_that_changed(tmp_path, capsys):
     os.replace(tmp_path / "aside.jpg", test_image)  # the data as it was: the run resumes
     text = run_main(argv + ["--resume"], capsys).out
     assert "resumed" in text and len(molere_io.read_results(str(out / "results.jsonl"))) == 1
+
+
+def documented_start(name):
+    """The command of docs/usage.md's starting point `name` (small, large), as a molere.py argv."""
+    import shlex
+    text = open(os.path.join(ROOT, "docs", "usage.md")).read()
+    block = text.split(f"<!-- start {name} -->", 1)[1].split("<!-- /start -->", 1)[0]
+    code = block.split("```bash", 1)[1].split("```", 1)[0]
+    command = " ".join(line.rstrip("\\").strip() for line in code.splitlines() if line.strip() and not line.startswith("#"))
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "molere.py"], argv
+    return argv[2:]
+
+
+def test_the_documented_starting_points_run(tmp_path, capsys):
+    """docs/usage.md's two starting points for a folder of one's own, run on a generated folder of 180
+    training images: every flag is checked against the folder for the whole plan (ERM and MOLERE), then
+    ERM trains one epoch (--stop-after 1). The small one runs as written. The large one is written for tens of thousands of images on a GPU: here its batch and
+    image size are lowered (--batch-size 8 --image-size 32, the only changes) so the flags are checked
+    together on a folder a test can afford."""
+    import torchvision
+    torch.manual_seed(fresh_seed())
+    classes = ("cat", "dog", "owl")
+    write_folder(str(tmp_path / "mine" / "train"), classes, 60, seed=0)
+    write_folder(str(tmp_path / "mine" / "test"), classes, 8, seed=1)
+    for arch in ("resnet18", "resnet50"):
+        torch.save(torchvision.models.get_model(arch).state_dict(), tmp_path / f"{arch}.pt")
+    for name, extra in (("small", []), ("large", ["--batch-size", "8", "--image-size", "32"])):
+        argv = [str(tmp_path / "mine") if a == "folder:PATH" else a for a in documented_start(name)]
+        argv = ["folder:" + a if a == str(tmp_path / "mine") else a for a in argv]
+        argv = [str(tmp_path / a) if a.endswith(".pt") else a for a in argv]
+        argv = [str(tmp_path / name) if a == "runs/mine" else a for a in argv] + extra + ["--device", "cpu"]
+        out = run_main(argv + ["--stop-after", "1"], capsys)  # every flag checked against the folder, then one epoch
+        assert "stopped after 1 epoch(s)" in out.out and "error" not in out.err, (name, out.out[-500:], out.err)
+        assert not [line for line in out.err.splitlines() if "Warning" in line], out.err
+        log = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert [(e["method"], e["epoch"]) for e in log] == [("erm", 1)] and math.isfinite(log[0]["loss"]), log
