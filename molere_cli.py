@@ -568,7 +568,8 @@ def same_data(ckpt, path, data):
     """The checkpoint, if the data it was trained on is the data here (its fingerprint; a
     checkpoint from before fingerprints passes); else one line naming what changed, before
     anything is trained or written."""
-    changed = [part for part, h in (ckpt.get("data") or {}).items() if data.fingerprint.get(part) != h]
+    changed = [part for part, h in (ckpt.get("data") or {}).items() if data.fingerprint.get(part) != h
+               and not (part == "the label noise" and data.noisy is None)]  # no noise: the labels' change says it
     if changed:
         raise UserError(f"{path}: {', '.join(changed)} changed since this run was checkpointed; nothing was "
                         f"overwritten: restore the data, or start afresh with another --out")

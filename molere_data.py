@@ -350,20 +350,29 @@ class Data:
 
 def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
     """A short hash of each part of the data a run depends on, by name: images (array bytes, or a
-    folder's file list with sizes), labels, the noise draw, the test set, the meta set. A
-    checkpoint keeps it; --resume refuses a run whose data changed (molere_cli.train_run)."""
-    def h(*parts):
+    folder's file list with sizes), labels, the noise draw, the test set, the meta set, and for image
+    folders each file's modification time (so two images of the same size that swap contents are seen;
+    one os.stat a file, the call that already gives its size). A checkpoint keeps it; --resume refuses a
+    run whose data changed (molere_cli.same_data; a checkpoint without a part is not checked on it)."""
+    folders = [p for p in (x, x_test, x_meta) if p is not None and not torch.is_tensor(p)]
+
+    def h(*parts, times=False):
         d = hashlib.sha1()
         for p in parts:
             if p is None:
                 d.update(b"none")
             elif torch.is_tensor(p):
                 d.update(p.detach().cpu().contiguous().numpy().tobytes())
-            else:  # FolderImages: which files, and how large each is
-                d.update("\n".join(f"{q}\t{os.path.getsize(q)}" for q in p.paths).encode())
+            else:  # FolderImages: which files, and how large each is (or when each was last written)
+                stats = [os.stat(q) for q in p.paths]
+                d.update("\n".join(f"{q}\t{st.st_mtime_ns if times else st.st_size}"
+                                   for q, st in zip(p.paths, stats)).encode())
         return d.hexdigest()[:12]
-    return {"the pool's images": h(x), "the pool's labels": h(y_true), "the label noise": h(y),
-            "the test set": h(x_test, y_test), "the meta set": h(meta_mask, x_meta, y_meta)}
+    prints = {"the pool's images": h(x), "the pool's labels": h(y_true), "the label noise": h(y),
+              "the test set": h(x_test, y_test), "the meta set": h(meta_mask, x_meta, y_meta)}
+    if folders:
+        prints["the image files' modification times"] = h(*folders, times=True)
+    return prints
 
 
 def meta_set(cfg, y_true, classes, names, workers, outside=None, draw=lambda base: base):

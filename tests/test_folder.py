@@ -191,12 +191,24 @@ def test_resume_refuses_data_that_changed(tmp_path, capsys):
             molere_cli.main(argv + ["--resume"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err and "changed" in err, err
+        assert "label noise" not in err  # there is none: an added image changes the labels, not a noise draw
         assert ckpt.read_bytes() == before  # nothing overwritten
     os.remove(tmp_path / "pets" / "train" / "cat" / "new.jpg")  # only the test set differs now
     with pytest.raises(SystemExit):
         molere_cli.main(argv + ["--resume"])
     assert "the pool's images" not in capsys.readouterr().err
     os.replace(tmp_path / "aside.jpg", test_image)  # the data as it was: the run resumes
+    # an image rewritten at the same size (as when two of one size swap): names and sizes agree, times do not
+    a, b = tmp_path / "pets" / "train" / "dog" / "1.jpg", tmp_path / "pets" / "train" / "dog" / "2.jpg"
+    a_bytes, b_bytes, a_stat, b_stat = a.read_bytes(), b.read_bytes(), os.stat(a), os.stat(b)
+    b.write_bytes(a_bytes[:len(b_bytes)].ljust(len(b_bytes), b"\0"))
+    with pytest.raises(SystemExit):
+        molere_cli.main(argv + ["--resume"])
+    err = capsys.readouterr().err
+    assert "modification times" in err and "label noise" not in err and "the pool's images" not in err, err
+    b.write_bytes(b_bytes)
+    os.utime(a, ns=(a_stat.st_atime_ns, a_stat.st_mtime_ns))
+    os.utime(b, ns=(b_stat.st_atime_ns, b_stat.st_mtime_ns))
     text = run_main(argv + ["--resume"], capsys).out
     assert "resumed" in text and len(molere_io.read_results(str(out / "results.jsonl"))) == 1
 
