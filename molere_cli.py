@@ -504,6 +504,8 @@ def build_parser():
       "(default: 4, or fewer where this process may use fewer cores) "
       "(0: read in the main process)")
     a("--report", action="store_true", help="only print the results table of this config from OUT, train nothing")
+    a("--no-table", action="store_true", help="do not print the results table at the end (tools/schedule.py prints it "
+      "once for all its runs)")
     p.error = lambda msg: fail(msg)  # one clear line, not a usage dump
     return p
 
@@ -729,7 +731,8 @@ def main(argv=None, handle_sigterm=False):
             print(f"\ninterrupted: every finished epoch is checkpointed in {rt.out}; "
                   f"rerun the same command with --resume to continue", file=sys.stderr)
         sys.exit(130)
-    print(report_table(read_results(results_path, config_hash(cfg)), cfg.dataset))
+    if not args.no_table:
+        print(report_table(read_results(results_path, config_hash(cfg)), cfg.dataset))
     if world() > 1:
         dist.destroy_process_group()
 

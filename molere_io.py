@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,9 +64,15 @@ def find_cifar(root, name):
 
 
 def download_cifar(root, name):
-    """torchvision's download helper, with its URL and MD5 checksum. Returns an error or None."""
+    """torchvision's download helper, with its URL and MD5 checksum. Returns an error or None; a failed
+    download removes what it made (the folder it created, or the partial archive in one that was there)."""
     tv = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     print(f"{name}: not under {root}, downloading with torchvision (MD5-checked) ...", flush=True)
+    top = os.path.abspath(root)
+    while not os.path.exists(os.path.dirname(top)):  # the outermost folder the download would create
+        top = os.path.dirname(top)
+    made = [p for p in (top, os.path.join(root, tv.filename), os.path.join(root, tv.base_folder))
+            if not os.path.exists(p)]
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
     try:
@@ -73,6 +80,11 @@ def download_cifar(root, name):
             tv.url, download_root=root, filename=tv.filename, md5=tv.tgz_md5)
         return None
     except Exception as e:  # no network, bad checksum, disk full: all end in one line
+        for p in made:  # the first is the outermost: removing it removes the rest
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.remove(p)
         return f"{type(e).__name__}: {e}".splitlines()[0][:160]
     finally:
         socket.setdefaulttimeout(old)

@@ -214,7 +214,7 @@ def test_scheduler_with_two_cpu_workers_gives_the_serial_results(tmp_path):
     assert par.returncode == 0, par.stdout + par.stderr
     lines = par.stdout.splitlines()
     assert all(line.startswith("[") for line in lines[1:] if line and not line.startswith(("|", "results on")))
-    assert "| molere | 1 |" in par.stdout  # the table at the end
+    assert "| molere | 1 |" in par.stdout and par.stdout.count("results on ") == 1  # the table, once, at the end
     a, b = ({(r["method"], r["seed"]): r for r in molere_io.read_results(str(tmp_path / d / "results.jsonl"))}
             for d in ("serial", "par"))
     assert set(a) == set(b) == {(m, 0) for m in molere_cli.ALL}

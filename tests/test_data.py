@@ -238,3 +238,22 @@ def test_missing_and_corrupt_data_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "data_batch_3 is not a readable CIFAR pickle" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_failed_download_removes_what_it_made(tmp_path, monkeypatch):
+    """A download that fails half-way (here: after writing part of the archive) leaves no folder it created,
+    and in a folder that was there, no partial archive; the error comes back as one line."""
+    import torchvision
+    def partial(url, root, filename=None, md5=None, **k):
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, filename), "wb") as f:
+            f.write(b"half an archive")
+        raise OSError("connection reset\nby peer")
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", partial)
+    why = molere_io.download_cifar(str(tmp_path / "new" / "data"), "cifar10")
+    assert "OSError: connection reset" in why and "\n" not in why
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    molere_io.download_cifar(str(tmp_path / "mine"), "cifar10")
+    assert sorted(os.listdir(tmp_path / "mine")) == ["notes.txt"]

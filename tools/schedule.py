@@ -43,7 +43,7 @@ def jobs_of(args, cfg):
 
 
 def launch(argv, method, seed, worker, workers, device_type):
-    extra = ["--method", method, "--seeds", str(seed), "--resume"]
+    extra = ["--method", method, "--seeds", str(seed), "--resume", "--no-table"]  # the table: once, at the end
     if "--threads" not in argv:  # an equal share of the cores, unless the plan names its threads
         extra += ["--threads", str(max(1, len(os.sched_getaffinity(0)) // workers))]
     extra += ["--device", f"cuda:{worker % torch.cuda.device_count()}" if device_type == "cuda" else "cpu"]
