@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import molere
-from helpers import fresh_seed, records_of, small_run
+from helpers import classifier_grads, fresh_seed, meta_grad_fast, meta_grad_reference, records_of, small_run, tiny_setup
 from kernels import weighted_cross_entropy
 
 
@@ -157,3 +157,24 @@ def test_a_class_weighted_zero_inside_train_epoch_stays_unlearnt():
     # that learnt one class or none averages at most 1/9. With the weights ignored (constant
     # 0.5, 10 seeds) class 3 reached 0.65-0.88 recall, so the 0.02 bound is what catches the bug.
     assert recall[3] < 0.02 and others.mean() > 0.3, recall
+
+
+def test_centred_logits_have_mean_zero_and_keep_the_meta_gradient_exact():
+    """--meta-logit centred: g_phi's logits over a batch have mean 0 (the network's shifted by its mean), and
+    the fast meta-gradient through them equals the create_graph reference in float64."""
+    seed = fresh_seed()
+    model, meta, x, y, h, xv, yv = tiny_setup()
+    centred = molere.SampleNet(model.features, 5, 7, centred=True).double()
+    centred.load_state_dict(meta.state_dict())
+    raw, out = meta(h, y), centred(h, y)
+    assert raw.mean().abs() > 1e-3 and out.mean().abs() < 1e-12, seed
+    torch.testing.assert_close(out, raw - raw.mean(), rtol=0, atol=1e-12)
+    rng = molere.rng_state(torch.device("cpu"))
+    grads = classifier_grads(model, centred, x, y, h, rng, "batch")
+    state = torch.get_rng_state()
+    fast_val, fast = meta_grad_fast(model, centred, x, y, h, grads, xv, yv, 0.2, rng)
+    torch.set_rng_state(state)
+    ref_val, ref = meta_grad_reference(model, centred, x, y, h, xv, yv, 0.2, rng)
+    assert sum(r.abs().sum() for r in ref) > 1e-8, seed
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-12)
