@@ -127,6 +127,7 @@ class Config:
     meta_wd: float = 0.0  # weight decay of g_phi's Adam (MW-Net's own net keeps its published 1e-4)
     meta_bound: float = 0.0  # g_phi's logit bounded to (-c, c) by c tanh(logit / c); 0: unbounded
     meta_logit: str = "free"  # free | centred (g_phi's logit minus its mean over the batch)
+    meta_lr_decay: int = 0  # Adam's lr times min(1, T / n) at the n-th meta step; 0: constant
     split_lr: float = 0.001  # Adam's lr for P_Theta
     hidden: int = 100  # units of g_phi's and P_Theta's hidden layer
     meta_input: str = "features+loss"  # what g_phi sees: features+loss | features (E1)
@@ -200,6 +201,7 @@ def config_problems(cfg):
         *((getattr(cfg, k) >= 1, f"{flag(k)} must be at least 1, got {getattr(cfg, k)}")
           for k in ("width", "epochs", "batch_size", "resplit_every", "hidden")),
         (cfg.meta_steps_min >= 0, f"--meta-steps-min must be 0 (off) or more, got {cfg.meta_steps_min}"),
+        (cfg.meta_lr_decay >= 0, f"--meta-lr-decay must be 0 (off) or more, got {cfg.meta_lr_decay}"),
         *((0 < getattr(cfg, k) < math.inf, f"{flag(k)} must be a finite positive number, got {getattr(cfg, k)}")
           for k in ("lr", "meta_lr", "split_lr")),
         (0 <= cfg.momentum < 1 and 0 <= cfg.wd < math.inf and 0 < cfg.gamma <= 1,
@@ -602,10 +604,12 @@ def meta_every(cfg, spec, n_train):
     return max(1, min(cfg.K, steps // cfg.meta_steps_min)) if cfg.meta_steps_min else cfg.K
 
 
-def meta_lr(cfg, K):
+def meta_lr(cfg, K, meta_steps=0):
     """E7, Adam's learning rate for phi: --meta-lr per classifier step (x K, so phi may move as far
-    per epoch at any K) or per meta step."""
-    return cfg.meta_lr * (K if cfg.meta_lr_per == "step" else 1)
+    per epoch at any K) or per meta step; with --meta-lr-decay T, times min(1, T / n) at the n-th meta
+    step (`meta_steps` made before it), so a long run moves phi little further than a run of T."""
+    base = cfg.meta_lr * (K if cfg.meta_lr_per == "step" else 1)
+    return base * min(1.0, cfg.meta_lr_decay / (meta_steps + 1)) if cfg.meta_lr_decay else base
 
 
 class Run:
@@ -769,6 +773,8 @@ def meta_step(run, cfg, step, xv, yv):
         phi = list(run.meta.parameters())
         for p, d in zip(phi, torch.autograd.grad(w_tilde, phi, grad_outputs=g.to(w_tilde.dtype))):
             p.grad = world_sum(d.float())  # torchrun: each process holds its share of the batch
+    if cfg.meta_lr_decay and run.spec.weights == "features":  # our meta-network; MW-Net keeps its published lr
+        run.opt_meta.param_groups[0]["lr"] = meta_lr(cfg, run.K, run.step // run.K)
     run.opt_meta.step()
     return loss_val
 

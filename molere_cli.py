@@ -54,7 +54,8 @@ class Runtime:
 # checkpoints still match, even should a default change later.
 LATER = dict(arch="wrn", imbalance=1.0, noise="none", meta_set="split", meta_input="features", weights="",
              image_size=224, meta_lr_per="meta-step", meta_init="uniform",
-             meta_steps_min=0, data_draw="fixed", meta_wd=0.0, meta_bound=0.0, meta_logit="free")
+             meta_steps_min=0, data_draw="fixed", meta_wd=0.0, meta_bound=0.0, meta_logit="free",
+             meta_lr_decay=0)
 
 
 def config_record(cfg):
@@ -430,6 +431,9 @@ HELP = {  # each Config field's --help (molere.py keeps a one-line comment besid
                   "stay within a ratio of about e^(2c) of each other; 0: unbounded",
     "meta_logit": "free (g_phi's logit as the network gives it) | centred (minus its mean over the batch, so "
                   "the weights cannot all sink into sigmoid's exponential tail, where w / mean w is a softmax)",
+    "meta_lr_decay": "T > 0: Adam's lr of our meta-network times min(1, T / n) at its n-th meta step, so that a long "
+                     "run's phi travels little further than a run of T meta steps (MW-Net keeps its published "
+                     "constant lr); 0: constant",
     "split_lr": "Adam learning rate of the splitter P_Theta",
     "hidden": "hidden units of the meta-network and the splitter",
     "meta_input": "what our meta-network g_phi sees: features+loss ([h(x), onehot(y)] and the sample's "

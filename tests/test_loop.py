@@ -144,3 +144,21 @@ def test_evaluation_draws_no_random_numbers():
     before = torch.get_rng_state()
     molere.predict(run.model, data, data.x)
     assert torch.equal(before, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("method", ["lrw-random", "mwn"])
+def test_meta_lr_decay_sets_adams_lr_to_t_over_n_at_the_nth_meta_step(method):
+    """--meta-lr-decay T: at the meta step made after n - 1 others, our meta-network's Adam steps at
+    base x min(1, T / n); MW-Net keeps its published constant lr."""
+    seed = fresh_seed()
+    cfg, data, run = small_run(method, seed, meta_lr_decay=4, meta_steps_min=0)
+    run.val_mask = molere.initial_split("lrw-random", data, cfg.delta, seed)
+    base = cfg.meta_lr * (run.K if cfg.meta_lr_per == "step" else 1)
+    val = molere.validation_set(run, data)
+    for n in (1, 4, 11):
+        run.step = (n - 1) * run.K  # n - 1 meta steps made before this one
+        idx = molere.epoch_batches(run, cfg)[0]
+        step = molere.classifier_step(run, cfg, data.batch(idx, cfg.augment), data.y[idx], replay=True)
+        molere.meta_step(run, cfg, step, *molere.validation_batch(data, val, cfg))
+        want = base * min(1.0, 4 / n) if method == "lrw-random" else base
+        assert run.opt_meta.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12), (n, seed)
