@@ -469,14 +469,15 @@ def compare_table(files):
     base = runs[0][0]["config"]
     changed = lambda c: ", ".join(f"{k} {v}" for k, v in c.items()
                                   if base.get(k, molere_cli.LATER.get(k)) != v) or "the study's"
-    erm = {r["seed"]: r["test_acc"] for r, path in runs if r["method"] == "erm" and path == files[0]}
+    erm = {r["seed"]: r["test_acc"] for r, path in sorted(runs, key=lambda rp: rp[1] == files[0])
+           if r["method"] == "erm"}  # the first file's ERM where it has one, else another file's
     varied = {r["method"] for r, path in runs if path != files[0]}
     head = ["method", "seed", "config (against the first file's)", "clean meta-set loss, last epoch",
             "weights' AUC: peak (epoch) / last", "peak saturation (epoch)", "fits flipped / clean of S_tr (end, %)",
             "test acc (%)", "gain over ERM (pp)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r, path in sorted(runs, key=lambda rp: (rp[0]["method"], rp[0]["seed"], rp[1] != files[0])):
-        if r["method"] not in varied:
+        if r["method"] not in varied or "w_auc" not in r["log"][-1]:  # no meta level to compare (ERM)
             continue
         log, (flipped, clean) = r["log"], label_fits(r)
         auc = max(log, key=lambda e: e["w_auc"])

@@ -138,7 +138,9 @@ def main():
                   *into, *s.get("analyze", [])]
     if subprocess.run(tables, cwd=ROOT).returncode:
         sys.exit(1)
-    print(f"records in {folder}/results.jsonl; tables and figures in {folder}/ (README.md: the protocol)")
+    where = "its run folders' results.jsonl; the table above" if many else \
+        f"{folder}/results.jsonl; tables and figures in {folder}/"
+    print(f"records in {where} (the protocol and conclusion: {folder}/README.md)")
 
 
 if __name__ == "__main__":
