@@ -164,6 +164,27 @@ class ConfigError(ValueError):
 DATASETS = ("synthetic", "spurious", "cifar10", "cifar100", "packed")  # packed: tools/pack.py's CIFAR-10 subset
 
 
+def synthetic_size(dataset):
+    """--dataset synthetic[:N[:SIDE]] -> (training images, test images, side): the demo set's 2,000 / 1,000
+    at 32 x 32; N training images (and CIFAR's 10,000 test images) at SIDE pixels. None for anything else
+    or a malformed one (N >= 100 and SIDE >= 8 digits only)."""
+    kind, *size = dataset.split(":")
+    if kind != "synthetic" or len(size) > 2 or not all(q.isdigit() for q in size):
+        return None
+    if not size:
+        return 2000, 1000, 32
+    n, side = int(size[0]), int(size[1]) if len(size) == 2 else 32
+    return (n, 10_000, side) if n >= 100 and side >= 8 else None
+
+
+def image_side(cfg):
+    """The side of the images the classifier sees: --image-size for a folder, SIDE for synthetic:N:SIDE,
+    32 for CIFAR and the built-in sets."""
+    if cfg.dataset.startswith("folder:"):
+        return cfg.image_size
+    return (synthetic_size(cfg.dataset) or (0, 0, 32))[2]
+
+
 def config_problems(cfg):
     """Every value of a Config that no run can use, one line each (none: fine), whatever the data.
     What only torchvision can tell (a tv:NAME model and its smallest input) is checked where the
@@ -179,11 +200,9 @@ def config_problems(cfg):
                                     f"{' or '.join(allowed)}, got {getattr(cfg, name)!r}")
     noise, _, p = cfg.noise.partition(":")
     meta, _, n = cfg.meta_set.partition(":")
-    kind, *size = cfg.dataset.split(":")
-    synthetic = kind == "synthetic" and 1 <= len(size) <= 2 and all(q.isdigit() for q in size) and \
-        int(size[0]) >= 100 and (len(size) == 1 or int(size[1]) >= 8)
+    kind = cfg.dataset.split(":")[0]
     checks = [
-        (cfg.dataset in DATASETS or kind == "folder" and len(cfg.dataset) > 7 or synthetic,
+        (cfg.dataset in DATASETS or kind == "folder" and len(cfg.dataset) > 7 or synthetic_size(cfg.dataset),
          f"unknown --dataset {cfg.dataset!r}: choose from {', '.join(DATASETS)}, synthetic:N[:SIDE] (N >= 100 "
          f"images, SIDE >= 8 pixels) or folder:PATH"),
         (cfg.image_size >= 16, f"--image-size must be at least 16, got {cfg.image_size}"),
@@ -284,7 +303,7 @@ def make_model(cfg, classes):
     if cfg.arch == "wrn":
         return WideResNet(cfg.depth, cfg.width, classes, cfg.dropout)
     from molere_io import other_classifier
-    return other_classifier(cfg, classes)
+    return other_classifier(cfg, classes, image_side(cfg))
 
 
 @torch.no_grad()

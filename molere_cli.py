@@ -21,8 +21,8 @@ import torch
 
 import torch.distributed as dist
 
-from molere import (METHODS, NEEDS_ERM, Config, ConfigError, Run, accuracy, fit_problems, initial_split, instance_weights,
-                    margins, meta_input, predict, rng_state, set_rng, train)
+from molere import (METHODS, NEEDS_ERM, Config, ConfigError, Run, accuracy, fit_problems, image_side, initial_split,
+                    instance_weights, margins, meta_input, predict, rng_state, set_rng, train)
 from molere_world import rank, spread_over, world
 from molere_data import load_data
 from molere_io import (UserError, append_result, device_name, has_checkpoint, load_torchvision, model_problems,
@@ -651,7 +651,7 @@ def setup(argv=None):
         problems, cfg = [], None
         try:
             cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-            problems += model_problems(cfg)
+            problems += model_problems(cfg, image_side(cfg))
         except ConfigError as e:
             problems.append(str(e))
         plan = plan_of(args.method)

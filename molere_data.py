@@ -24,6 +24,7 @@ import torchvision.transforms as TV
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from molere import synthetic_size
 from molere_io import DataError, load_cifar, load_packed
 
 
@@ -404,15 +405,6 @@ def meta_set(cfg, y_true, classes, names, workers, outside=None, draw=lambda bas
     meta_mask = torch.zeros(len(y_true), dtype=torch.bool)
     meta_mask[balanced_subset(y_true, n, classes, seed=draw(0))] = True
     return meta_mask, None, None
-
-
-def synthetic_size(dataset):
-    """--dataset synthetic[:N[:SIDE]] -> (training images, test images, side): the demo set's 2,000 /
-    1,000 at 32 x 32 by default; N training images (and CIFAR's 10,000 test images) at SIDE pixels."""
-    parts = dataset.split(":")[1:]
-    if not parts:
-        return 2000, 1000, 32
-    return int(parts[0]), 10_000, int(parts[1]) if len(parts) > 1 else 32
 
 
 def data_draw(cfg, seed):

@@ -194,12 +194,12 @@ class Compiled:
         return self.fn(*args)
 
 
-def model_problems(cfg):
+def model_problems(cfg, side):
     """The Config values that only torchvision can check, as lines (none: fine): --arch tv:NAME must
-    be a torchvision classification model, and the images must be at least its smallest input (its
-    weights' `min_size`): --image-size for a folder, the source's own side otherwise. A ViT without
-    weights is built for the images it sees, so it has no such bound. The checks that need no
-    torchvision are molere.config_problems."""
+    be a torchvision classification model, and the images (`side` pixels a side: molere.image_side) must
+    be at least its smallest input (its weights' `min_size`). A ViT without weights is built for the
+    images it sees, so it has no such bound. The checks that need no torchvision are
+    molere.config_problems."""
     if not cfg.arch.startswith("tv:"):
         return []
     name = cfg.arch[3:]
@@ -208,7 +208,6 @@ def model_problems(cfg):
                 f"(tv:resnet18, tv:resnet50, tv:vit_b_16, ...), got {cfg.arch!r}"]
     if name.startswith("vit") and not cfg.weights:
         return []
-    side = image_side(cfg)
     least = max(next(iter(torchvision.models.get_model_weights(name))).meta.get("min_size", (1, 1)))
     if side >= least:
         return []
@@ -216,23 +215,14 @@ def model_problems(cfg):
             f"{side} x {side} ({'--image-size' if cfg.dataset.startswith('folder:') else cfg.dataset})"]
 
 
-def image_side(cfg):
-    """The side of the images the classifier sees: --image-size for a folder, SIDE for synthetic:N:SIDE,
-    32 for CIFAR and the built-in sets."""
-    if cfg.dataset.startswith("folder:"):
-        return cfg.image_size
-    parts = cfg.dataset.split(":")
-    return int(parts[2]) if parts[0] == "synthetic" and len(parts) == 3 else 32
-
-
-def other_classifier(cfg, classes):
+def other_classifier(cfg, classes, side):
     """f_theta for --arch resnet32 | tv:NAME (molere.make_model builds the Wide-ResNet itself)."""
     if cfg.arch == "resnet32":
         return ResNet32(classes)
-    bad = model_problems(cfg)
+    bad = model_problems(cfg, side)
     if bad:
         raise ModelError("; ".join(bad))
-    return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, image_side(cfg)), classes)
+    return Torchvision(load_torchvision(cfg.arch[3:], cfg.weights, side), classes)
 
 
 class ResNet32(nn.Module):
