@@ -248,3 +248,17 @@ def test_the_documented_starting_points_run(tmp_path, capsys):
         assert not [line for line in out.err.splitlines() if "Warning" in line], out.err
         log = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
         assert [(e["method"], e["epoch"]) for e in log] == [("erm", 1)] and math.isfinite(log[0]["loss"]), log
+
+
+def test_default_workers_fit_the_cores_and_more_are_honoured_with_one_line(tmp_path, capsys):
+    """--workers by default is at most the cores this process may use (no DataLoader warning); an explicit
+    value above that is kept, with one line saying so."""
+    root = tiny_tree(tmp_path / "pets")
+    argv = ["--dataset", f"folder:{root}", "--image-size", "16", "--arch", "resnet32", "--method", "erm",
+            "--batch-size", "6", "--out", str(tmp_path / "out")]
+    cores = len(os.sched_getaffinity(0))
+    args, *_ = molere_cli.setup(argv)
+    assert args.workers == min(4, cores) and "--workers" not in capsys.readouterr().out
+    args, *_ = molere_cli.setup(argv + ["--workers", str(cores + 3)])
+    said = [line for line in capsys.readouterr().out.splitlines() if "--workers" in line]
+    assert args.workers == cores + 3 and len(said) == 1 and f"the {cores} cores" in said[0], said
