@@ -40,7 +40,7 @@ def test_meta_network_columns_are_features_extra_then_label():
 
 def test_meta_bound_keeps_the_logit_inside_and_is_c_tanh_of_the_unbounded_one():
     """--meta-bound c: g_phi's logit is c tanh(logit / c) of the same network's unbounded logit, so
-    every weight lies in (sigmoid(-c), sigmoid(c)); the splitter stays unbounded."""
+    every weight lies in [sigmoid(-c), sigmoid(c)]; the splitter stays unbounded."""
     seed = fresh_seed()
     free = molere.SampleNet(12, 4, 8, extra=1).double()
     bound = molere.SampleNet(12, 4, 8, extra=1, bound=2.0).double()
@@ -50,7 +50,7 @@ def test_meta_bound_keeps_the_logit_inside_and_is_c_tanh_of_the_unbounded_one():
         bound.net[2].weight.mul_(50)
     h, y = torch.randn(300, 13, dtype=torch.float64), torch.randint(0, 4, (300,))
     raw, out = free(h, y), bound(h, y)
-    assert raw.abs().max() > 4 and out.abs().max() < 2, seed
+    assert raw.abs().max() > 4 and out.abs().max() <= 2, seed  # = 2 where tanh rounds to 1 (|logit| > 38)
     assert torch.allclose(out, 2.0 * torch.tanh(raw / 2.0), rtol=0, atol=1e-12), seed
     _, _, run = small_run("molere", 0, meta_bound=2.0)
     assert run.meta.bound == 2.0 and run.splitter.bound == 0
