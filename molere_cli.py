@@ -103,23 +103,24 @@ class StopAfter(Exception):
     """--stop-after reached: the checkpoint is written; --resume continues."""
 
 
-DIVERGED_X = 100  # a loss above this many times the smaller of its first epoch's and a uniform guess's has diverged
+DIVERGED_X = 100  # a loss this many times a uniform guess's (or its first epoch's, if larger) has diverged
 
 
 def divergence(log, entry, steps, classes):
     """One line if this epoch's training loss or validation loss L_val(theta') is not finite, or is above
-    DIVERGED_X times the smaller of its first epoch's value and ln C (the loss of a uniform guess over C
-    classes), so that a first epoch that already diverged is caught too; None otherwise. `steps`: the
+    DIVERGED_X times the larger of ln C (the loss of a uniform guess over C classes: a first epoch above
+    that has diverged already) and its first epoch's value; None otherwise. A cross-entropy of 100 ln C
+    gives the right class a probability of C^-100: no hard split or label noise comes near. `steps`: the
     epoch's step range, for the message."""
     for key, name in (("loss", "training loss"), ("val_loss", "validation loss L_val")):
         value = entry.get(key)
         if value is None:
             continue
-        first = (log[0] if log else entry).get(key, value)
-        bound = DIVERGED_X * min(first if math.isfinite(first) else math.inf, math.log(classes))
+        first = log[0].get(key, 0.0) if log else 0.0
+        bound = DIVERGED_X * max(first if math.isfinite(first) else 0.0, math.log(classes))
         if not math.isfinite(value) or value > bound:
-            why = "" if not math.isfinite(value) else \
-                f", above {bound:.3g} ({DIVERGED_X} x the smaller of its first epoch's {first:.3g} and ln {classes})"
+            why = "" if not math.isfinite(value) else f", above {bound:.3g} ({DIVERGED_X} x " + (
+                f"its first epoch's {first:.3g})" if first > math.log(classes) else f"ln {classes}, a uniform guess's)")
             return (f"the run diverged at epoch {entry['epoch']} (steps {steps}): its {name} is {value:.4g}{why}; "
                     f"lower --lr (now {entry['lr']:g}). The checkpoint of the last good epoch is kept, and no result "
                     f"is written")

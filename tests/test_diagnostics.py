@@ -113,3 +113,17 @@ def test_l2rw_and_diagnostics_end_to_end_under_noise(tmp_path, capsys):
             sure, tied = (margins[part] > 0).float().mean(), (margins[part] == 0).float().mean()
             assert float(sure) - 1e-6 <= rows[m][key] <= float(sure + tied) + 1e-6, (m, key)
     assert rows["mwn"]["log"][-1]["dphi"] > 0
+
+
+def test_divergence_is_a_non_finite_loss_or_one_past_100_uniform_guesses():
+    """molere_cli.divergence: NaN or inf, or a loss above 100 x max(ln C, the first epoch's) diverged; a
+    validation loss that rises twentyfold on a hard split (from 0.05 to 1.0, as MOLERE's can) did not."""
+    first = dict(epoch=1, lr=0.1, loss=2.3, val_loss=0.05, steps=10)
+    later = lambda **k: {**first, "epoch": 5, **k}
+    assert molere_cli.divergence([first], later(val_loss=1.0), "41-50", 10) is None
+    assert molere_cli.divergence([first], later(loss=200.0), "41-50", 10) is None  # 200 < 100 ln 10 = 230.3
+    assert "training loss is 240" in molere_cli.divergence([first], later(loss=240.0), "41-50", 10)
+    assert "validation loss L_val is nan" in molere_cli.divergence([first], later(val_loss=math.nan), "41-50", 10)
+    line = molere_cli.divergence([], dict(first, loss=3.7e21), "1-10", 10)
+    assert "epoch 1 (steps 1-10)" in line and "lower --lr (now 0.1)" in line and "\n" not in line
+    assert molere_cli.divergence([], dict(first, loss=300.0), "1-10", 100) is None  # 100 ln 100 = 460.5
