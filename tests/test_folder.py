@@ -93,8 +93,10 @@ def test_a_folder_run_with_a_torchvision_backbone_and_an_outside_meta_set(tmp_pa
     toy_folder.write_demo(str(tmp_path))
     argv = ["--dataset", f"folder:{tmp_path / 'pets'}", "--meta-set", f"folder:{tmp_path / 'hard'}",
             "--weights", str(tmp_path / "resnet18.pt"), *DEMO, "--device", "cpu", "--out", str(tmp_path / "out")]
-    out = run_main(argv, capsys).out
+    done = run_main(argv, capsys)
+    out = done.out
     assert "36 training / 12 test images, 3 classes; tv:resnet18" in out
+    assert "Warning" not in done.err and "warning" not in out, done.err  # to the end, with no warning
     rows = {r["method"]: r for r in molere_io.read_results(str(tmp_path / "out" / "results.jsonl"))}
     assert sorted(rows) == ["erm", "lrw-random", "molere"]
     assert rows["lrw-random"]["val_size"] == 0 and rows["molere"]["val_size"] > 0
