@@ -88,23 +88,24 @@ def interval(diffs):
     return statistics.mean(diffs) - half, statistics.mean(diffs) + half
 
 
-def heldout_table(rows, reference):
+def heldout_table(rows, reference, against="erm-tr"):
     """Accuracy on the held-out S_val, a validation number (the classifier never trains on it),
     of each run of `rows` and of `reference`'s runs with the same seed and the same S_val, and
-    each method's paired differences against the reference's erm-tr: mean, 95% interval, signs,
-    p. METHOD.md §9's 'does no harm in the clean setting'."""
+    each method's paired differences against the reference's run of method `against` (erm-tr; or, to
+    judge a candidate setting against the defaults, lrw-random): mean, 95% interval, signs, p. METHOD.md
+    §9's 'does no harm in the clean setting'."""
     def val_acc(r):
         m = r["train_margins"]
         return 100 * sum(m[i] > 0 for i in r["val_mask"]) / len(r["val_mask"])
-    base = {r["seed"]: r for r in reference if r["method"] == "erm-tr"}
-    head = ["run", "held-out S_val accuracy by seed (%)", "minus the reference's ERM-tr, by seed",
+    base = {r["seed"]: r for r in reference if r["method"] == against}
+    head = ["run", "held-out S_val accuracy by seed (%)", f"minus the reference's {report.method_label(against)}, by seed",
             "mean (95% interval)", "signs", "p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, runs in (("this study", rows), ("reference", reference)):
         for m in molere.METHODS:
             rs = sorted((r for r in runs if r["method"] == m and r["seed"] in base and r["val_mask"]
                          and r["val_mask"] == base[r["seed"]]["val_mask"]), key=lambda r: r["seed"])
-            if not rs or (label == "reference" and m == "erm-tr"):
+            if not rs or (label == "reference" and m == against):
                 continue
             diffs = [val_acc(r) - val_acc(base[r["seed"]]) for r in rs]
             lo, hi = interval(diffs) if len(diffs) > 1 else (math.nan, math.nan)
@@ -814,6 +815,8 @@ def main():
                                          "study's question alone: its family of comparisons, Holm-adjusted")
     p.add_argument("--held-out", help="a reference results.jsonl: held-out S_val accuracy of both, paired against "
                                       "its erm-tr of the same seed and split (the clean-data check of METHOD.md §9)")
+    p.add_argument("--held-out-against", default="erm-tr", help="--held-out: the reference's method to pair "
+                                                                 "against (lrw-random: a candidate against the defaults)")
     a = p.parse_args()
     if a.compare:
         return print(compare_table(a.results))
@@ -862,7 +865,7 @@ def main():
                  unfinished_table(runs, r0["config"].get("epochs")))]
     if a.held_out:
         sections.insert(2, (f"(b) held-out S_val accuracy against `{a.held_out}`",
-                            heldout_table(rows, molere_io.read_results(a.held_out))))
+                            heldout_table(rows, molere_io.read_results(a.held_out), a.held_out_against)))
     out += [f"\n#### {title}\n\n{table}" for title, table in sections if table]
     text = "\n".join(out)
     print(text)

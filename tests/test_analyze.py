@@ -164,6 +164,12 @@ def test_intervals_and_held_out_accuracy():
     assert cells[0][:5] == ["lrw-random (this study)", "100.00, 0.00", "+50.00, -25.00", "+12.50 (-463.98 to +488.98)",
                             "1+ / 1−"], cells[0]
     assert cells[1][:3] == ["lrw-random (reference)", "75.00, 25.00", "+25.00, +0.00"] and len(cells) == 2
+    # a candidate against the defaults: paired with the reference's own LRW-Random instead
+    lines = analyze.heldout_table(rows, reference, "lrw-random").splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert "minus the reference's lrw-random" in lines[0]
+    assert cells[0][:3] == ["lrw-random (this study)", "100.00, 0.00", "+25.00, -25.00"], cells[0]
+    assert cells[1][:3] == ["erm-tr (control) (reference)", "50.00, 25.00", "-25.00, +0.00"] and len(cells) == 2
 
 
 def test_the_papers_figures_only_beside_the_papers_kind_of_data():
