@@ -134,8 +134,9 @@ def main():
         readme = folder / "README.md"
         into = ["--into", str(readme)] if readme.exists() and \
             f"<!-- analyze results/{a.name}/results.jsonl -->" in readme.read_text() else []
-        tables = [sys.executable, "-m", "molere_analyze", f"results/{a.name}/results.jsonl", "--figures", str(folder),
-                  *into, *s.get("analyze", [])]
+        last = commands[-1][0]  # the study's records, or its last run folder's (beside another run's: --held-out)
+        tables = [sys.executable, "-m", "molere_analyze", str((last / "results.jsonl").relative_to(ROOT)),
+                  "--figures", str(last), *into, *s.get("analyze", [])]
     if subprocess.run(tables, cwd=ROOT).returncode:
         sys.exit(1)
     where = "its run folders' results.jsonl; the table above" if many else \
