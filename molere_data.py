@@ -356,6 +356,7 @@ def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
     one os.stat a file, the call that already gives its size). A checkpoint keeps it; --resume refuses a
     run whose data changed (molere_cli.same_data; a checkpoint without a part is not checked on it)."""
     folders = [p for p in (x, x_test, x_meta) if p is not None and not torch.is_tensor(p)]
+    stats = {id(p): [os.stat(q) for q in p.paths] for p in folders}  # one os.stat a file
 
     def h(*parts, times=False):
         d = hashlib.sha1()
@@ -365,9 +366,8 @@ def fingerprint(x, y, y_true, x_test, y_test, meta_mask, x_meta, y_meta):
             elif torch.is_tensor(p):
                 d.update(p.detach().cpu().contiguous().numpy().tobytes())
             else:  # FolderImages: which files, and how large each is (or when each was last written)
-                stats = [os.stat(q) for q in p.paths]
                 d.update("\n".join(f"{q}\t{st.st_mtime_ns if times else st.st_size}"
-                                   for q, st in zip(p.paths, stats)).encode())
+                                   for q, st in zip(p.paths, stats[id(p)])).encode())
         return d.hexdigest()[:12]
     prints = {"the pool's images": h(x), "the pool's labels": h(y_true), "the label noise": h(y),
               "the test set": h(x_test, y_test), "the meta set": h(meta_mask, x_meta, y_meta)}
