@@ -430,8 +430,8 @@ def over_run_table(logs, batch_size, start=10, auc_min=0.8, epochs=None):
     for (label, seed), log in logs.items():
         late = [e for e in log if e["epoch"] >= start and e.get("w_auc") is not None]
         low = lambda key: (lambda e: f"{e[key]:.2f} ({e['epoch']})")(min(late, key=lambda e: e[key])) if late else "—"
-        bad = next((e["epoch"] for e in late if e["w_auc"] < auc_min or e["n_eff"] < batch_size / 4), None)
-        rule = "—" if not late else f"fails from epoch {bad}" if bad else \
+        bad = [e["epoch"] for e in late if e["w_auc"] < auc_min or e["n_eff"] < batch_size / 4]
+        rule = "—" if not late else f"fails at {len(bad)} of {len(late)} epochs, first {bad[0]}" if bad else \
             "holds" + (" so far" if epochs and log[-1]["epoch"] < epochs else "")
         last = log[-1]
         number = lambda key: f"{last[key]:.2f}" if last.get(key) is not None else "—"

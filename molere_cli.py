@@ -429,7 +429,7 @@ HELP = {  # each Config field's --help (molere.py keeps a one-line comment besid
     "meta_wd": "weight decay (L2, as torch's Adam) of the meta-network g_phi's optimizer; MW-Net's own weight "
                "net (--method mwn) keeps its published 1e-4",
     "meta_bound": "bound g_phi's logit to (-c, c) by c * tanh(logit / c), so the normalised weights w / mean w "
-                  "stay within a ratio of about e^(2c) of each other; 0: unbounded",
+                  "stay within a ratio of e^c of each other (sigmoid(c) / sigmoid(-c)); 0: unbounded",
     "meta_logit": "free (g_phi's logit as the network gives it) | centred (minus its mean over the batch, so "
                   "the weights cannot all sink into sigmoid's exponential tail, where w / mean w is a softmax)",
     "meta_lr_decay": "T > 0: Adam's lr of our meta-network times min(1, T / n) at its n-th meta step, so that a long "

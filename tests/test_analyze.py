@@ -270,7 +270,7 @@ def test_learning_curves_average_only_where_every_seed_tested():
 
 def test_over_run_table_reads_the_rule_off_the_logs():
     """The long run's rule, by hand: the lowest AUC and n_eff from epoch 10, and the first epoch that breaks
-    AUC >= 0.8 or n_eff >= B/4; a run short of its epochs holds 'so far'."""
+    AUC >= 0.8 or n_eff >= B/4 with the count of such epochs; a run short of its epochs holds 'so far'."""
     import molere_analyze as analyze
     ok = [dict(epoch=e, w_auc=0.9, n_eff=40.0 + e, w_sat=0.1, fit_flipped=0.02, fit_clean=0.9) for e in range(1, 21)]
     ok[3]["w_auc"] = 0.5  # before epoch 10: not ruled on
@@ -280,7 +280,7 @@ def test_over_run_table_reads_the_rule_off_the_logs():
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
     assert len(rows) == 2  # ERM logged no n_eff
     assert rows[0][3:5] == ["0.90 (10)", "50.00 (10)"] and rows[0][-1] == "holds so far |"
-    assert rows[1][3:5] == ["0.79 (17)", "30.00 (14)"] and rows[1][-1] == "fails from epoch 14 |"
+    assert rows[1][3:5] == ["0.79 (17)", "30.00 (14)"] and rows[1][-1] == "fails at 7 of 11 epochs, first 14 |"
 
 
 def test_every_study_folder_is_data_whose_flags_give_its_records_config():

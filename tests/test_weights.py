@@ -1,6 +1,8 @@
 """How a method's sample weights are made (METHOD.md E1, E2, E15, E17): the meta-network's input
 columns and bound, MW-Net's net and optimizer, class-balanced ERM against F.cross_entropy, and a
 class weighted zero that the classifier step, and the whole loop, leave unlearnt."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,8 @@ def test_meta_network_columns_are_features_extra_then_label():
 
 def test_meta_bound_keeps_the_logit_inside_and_is_c_tanh_of_the_unbounded_one():
     """--meta-bound c: g_phi's logit is c tanh(logit / c) of the same network's unbounded logit, so
-    every weight lies in [sigmoid(-c), sigmoid(c)]; the splitter stays unbounded."""
+    every weight lies in [sigmoid(-c), sigmoid(c)], two weights within a ratio of e^c (the help's
+    words: sigmoid(c) / sigmoid(-c) = e^c exactly); the splitter stays unbounded."""
     seed = fresh_seed()
     free = molere.SampleNet(12, 4, 8, extra=1).double()
     bound = molere.SampleNet(12, 4, 8, extra=1, bound=2.0).double()
@@ -52,6 +55,8 @@ def test_meta_bound_keeps_the_logit_inside_and_is_c_tanh_of_the_unbounded_one():
     raw, out = free(h, y), bound(h, y)
     assert raw.abs().max() > 4 and out.abs().max() <= 2, seed  # = 2 where tanh rounds to 1 (|logit| > 38)
     assert torch.allclose(out, 2.0 * torch.tanh(raw / 2.0), rtol=0, atol=1e-12), seed
+    w = torch.sigmoid(out)
+    assert math.exp(2.0) / 2 < w.max() / w.min() <= math.exp(2.0) * (1 + 1e-12), seed  # near the bound, never past
     _, _, run = small_run("molere", 0, meta_bound=2.0)
     assert run.meta.bound == 2.0 and run.splitter.bound == 0
 
