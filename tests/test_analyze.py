@@ -292,3 +292,35 @@ def test_every_study_folder_is_data_whose_flags_give_its_records_config():
     bad = [line for name, s in study.studies().items() for line in study.check(name, s)]
     assert not bad, bad
     assert all(s["kind"] in ("study", "pilots", "history") and s["about"] for s in study.studies().values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", analyze.NO_META)
+def test_runs_without_a_meta_level_read_no_meta_only_field(method):
+    """--baselines joins ERM runs made under another meta level's flags: trained for an epoch under two
+    configs that differ in every META_ONLY field, ERM and erm-cb end with bitwise the same classifier, so
+    the records are the same runs. (g_phi's size is left out of META_ONLY: it moves the random stream.)"""
+    import molere
+    from helpers import fresh_seed, small_run
+    seed = fresh_seed()
+    other = dict(K=2, meta_steps_min=0, meta_grad="reference", meta_lr=1.6e-4, meta_lr_per="meta-step", meta_wd=1e-4,
+                 meta_bound=4.0, meta_logit="centred", meta_lr_decay=540, split_lr=0.01, meta_init="uniform")
+    assert set(other) == set(analyze.META_ONLY)
+    states = []
+    for flags in ({}, other):
+        cfg, data, run = small_run(method, seed, epochs=1, **flags)
+        molere.train(run, data, cfg)
+        states.append(run.model.state_dict())
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]), (seed, name)
+
+
+def test_baselines_join_only_runs_whose_config_differs_in_meta_only_fields():
+    """baseline_rows: ERM and erm-cb of the study's seeds join; a meta level's run, another seed, or an ERM
+    run under another classifier setting (here the lr) does not, the last refused in one line."""
+    ours = [dict(method="mwn", seed=1, config=dict(dataset="cifar10", meta_lr=1.6e-4), config_hash="a")]
+    ref = [dict(method=m, seed=s, config=dict(dataset="cifar10"), config_hash="b")
+           for m in ("erm", "erm-cb", "mwn", "lrw-random") for s in (1, 2)]
+    assert sorted(r["method"] for r in analyze.baseline_rows(ours, ref, "ref")) == ["erm", "erm-cb"]
+    with pytest.raises(SystemExit, match="erm seed 1 ran under another lr than these runs"):
+        analyze.baseline_rows(ours, [dict(method="erm", seed=1, config=dict(dataset="cifar10", lr=0.05))], "ref")
