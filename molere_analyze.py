@@ -195,12 +195,14 @@ FAMILIES = {
 }
 
 
-def family_tables(rows):
-    """For each question of FAMILIES whose runs are here: every comparison's paired differences
-    by seed, mean and 95% interval, signs, raw and Holm-adjusted p, the MDE from its SD, and
-    the verdict by RESULTS.md section 9's rule."""
+def family_tables(rows, only=None):
+    """For each question of FAMILIES whose runs are here (or only the one whose title contains `only`):
+    every comparison's paired differences by seed, mean and 95% interval, signs, raw and Holm-adjusted
+    p, the MDE from its SD, and the verdict by RESULTS.md section 9's rule."""
     out = []
     for question, (metric, pairs, *undirected) in FAMILIES.items():
+        if only and only not in question:
+            continue
         value = {}
         for r in rows:
             v = metric(r)
@@ -844,6 +846,8 @@ def main():
     p.add_argument("--into", help="a markdown file whose analyze block for these results gets the tables")
     p.add_argument("--family-into", help="a markdown file (RESULTS.md) whose family block for these results gets the "
                                          "study's question alone: its family of comparisons, Holm-adjusted")
+    p.add_argument("--family", help="--family-into: only the question whose title contains this text (a study "
+                                    "whose protocol rules on one question of several its runs answer)")
     p.add_argument("--held-out", help="a reference results.jsonl: held-out S_val accuracy of both, paired against "
                                       "its erm-tr of the same seed and split (the clean-data check of METHOD.md §9)")
     p.add_argument("--baselines", help="a results.jsonl whose ERM and erm-cb runs of the same seeds join these in "
@@ -913,8 +917,9 @@ def main():
     if a.into:
         write_block(a.into, "analyze", a.results, text)
     if a.family_into:
-        write_block(a.family_into, "family", a.results, f"{family_tables(rows)}\n\n(`{command} --family-into "
-                    f"{a.family_into}`: {len(rows)} runs, seeds {sorted({r['seed'] for r in rows})})")
+        only = f" --family '{a.family}'" if a.family else ""
+        write_block(a.family_into, "family", a.results, f"{family_tables(rows, a.family)}\n\n(`{command} --family-into "
+                    f"{a.family_into}{only}`: {len(rows)} runs, seeds {sorted({r['seed'] for r in rows})})")
     if a.figures:
         figures(rows, gains, curves, a.figures)
         if runs:

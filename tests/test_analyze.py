@@ -211,6 +211,12 @@ def test_family_tables_and_subpopulations_follow_the_records():
     line = next(l for l in control.splitlines() if l.startswith("| erm-hard − erm"))
     assert "-19.00" in line and line.endswith("| a < b |")  # a control predicts no direction: no verdict word
     assert next(l for l in control.splitlines() if l.startswith("| lrw-hard − erm |")).endswith("| supported (a > b) |")
+    skew = [dict(method=m, seed=s, test_acc=acc + s * s, config={"imbalance": 20.0})
+            for m, acc in (("erm", 50), ("erm-cb", 51), ("mwn", 49)) for s in range(3)]
+    both = analyze.family_tables(skew)
+    assert "**class skew (overall test accuracy)**, Holm over 1" in both and "| mwn − erm | 3 |" in both
+    anchor = analyze.family_tables(skew, "the anchor")  # --family: that question alone
+    assert anchor.startswith("**class skew, the anchor") and "erm-cb" not in anchor and "-1.00 (-1.00 to -1.00)" in anchor
     table = analyze.subpopulation_table(rows)
     assert "| lrw-hard | 3 | 82.00 ± 0.00 |" in table and "| 25.00 ± 0.00 | 0.70 ± 0.00 |" in table  # 1 of S_val's 4 is minority
 
