@@ -856,6 +856,8 @@ def main():
     p.add_argument("--held-out-against", default="erm-tr", help="--held-out: the reference's method to pair "
                                                                  "against (lrw-random: a candidate against the defaults)")
     a = p.parse_args()
+    if a.family and not any(a.family in question for question in FAMILIES):
+        p.error(f"--family {a.family!r} is in no question's title: {'; '.join(FAMILIES)}")
     if a.compare:
         return print(compare_table(a.results))
     if a.over_run:
